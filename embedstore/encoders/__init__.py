@@ -1,0 +1,118 @@
+"""Registry of tile encoders: pathology foundation models, tiny test variants and a built-in baseline.
+
+``create_encoder(name, weights=None)`` is the only way to build one; ``list_encoders()`` shows
+what is registered. Family modules register themselves when imported here (timm's pattern); their
+heavy libraries (torch, timm, open_clip) are imported only when an encoder is built.
+
+Names: a registered name (``"uni2-h"``, ``"builtin"``, ...), ``"timm:<architecture>"`` or
+``"open_clip:<model config>"``. Weights: ``None`` (the Hugging Face hub cache; ``HF_TOKEN`` for
+gated repositories, ``HF_HUB_OFFLINE`` honoured), ``"hf-hub:org/repo"``, ``"local-dir:/folder"``
+or a weight file's path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from embedstore.encoders import builtin, external, imagenet, openclip, timm_hub
+from embedstore.encoders._base import (
+    ENCODERS,
+    Encoder,
+    EncoderCfg,
+    looks_like_path,
+    make_transform,
+    register_encoder,
+)
+from embedstore.errors import BadInput
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "Encoder",
+    "EncoderCfg",
+    "create_encoder",
+    "get_encoder_cfg",
+    "list_encoders",
+    "make_transform",
+    "register_encoder",
+]
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "builtin"
+
+register_encoder("builtin", cfg=builtin.BUILTIN_CFG)(builtin.create_builtin)
+
+_LISTED = ["family", "dim", "license", "gated", "hf_hub_id", "weights", "target_mpp", "requires"]
+
+
+def create_encoder(name: str, weights: str | None = None, **kwargs: Any) -> Encoder:
+    """Build an encoder by name.
+
+    Parameters
+    ----------
+    name
+        Registered name (see :func:`list_encoders`), ``"timm:<architecture>"`` or
+        ``"open_clip:<model config>"``.
+    weights
+        ``None`` (the hub cache, or the encoder's own source), ``"hf-hub:org/repo"``,
+        ``"local-dir:/path/to/folder"`` or a weight file.
+    **kwargs
+        Passed to the family's factory (``pretrained_tag=`` for ``timm:``, ``pretrained=`` for ``open_clip:``).
+
+    Returns
+    -------
+    An :class:`Encoder` on the CPU in float32; call ``.to("cuda")`` to move it.
+    """
+    if not isinstance(name, str) or not name:
+        msg = f"{name!r}: an encoder name must be a non-empty string; see list_encoders()"
+        raise BadInput(msg)
+    if name.startswith("timm:"):
+        return timm_hub.create_generic_timm(name[5:], weights=weights, **kwargs)
+    if name.startswith("open_clip:"):
+        return openclip.create_generic_openclip(name[10:], weights=weights, **kwargs)
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or (name not in ENCODERS and looks_like_path(name)):
+        msg = (
+            f"{name}: looks like weights, not an encoder name; pass the encoder name and "
+            "weights='local-dir:/path/to/folder' or weights='hf-hub:org/repo', e.g. "
+            f"create_encoder('uni', weights='local-dir:{name.split(':', 1)[-1]}')"
+        )
+        raise BadInput(msg)
+    factory = ENCODERS.get(name).factory
+    try:
+        inspect.signature(factory).bind(weights=weights, **kwargs)
+    except TypeError:
+        accepted = [p for p in inspect.signature(factory).parameters if p != "weights"]
+        msg = (
+            f"encoder {name!r}: unexpected keyword arguments {sorted(kwargs)}; it accepts {accepted or 'only weights='}"
+        )
+        raise BadInput(msg) from None
+    return factory(weights=weights, **kwargs)
+
+
+def get_encoder_cfg(name: str) -> EncoderCfg:
+    """The :class:`EncoderCfg` a registered encoder was registered with (no weights are touched)."""
+    cfg = ENCODERS.get(name).metadata.get("cfg")
+    if cfg is None:
+        msg = f"encoder {name!r}: registered without a cfg; build it with create_encoder to see its settings"
+        raise BadInput(msg)
+    return cfg
+
+
+def list_encoders():  # -> pandas.DataFrame (pandas imported lazily)
+    """Registered encoders, one row each.
+
+    Returns
+    -------
+    DataFrame indexed by name with columns family, dim, license, gated, hf_hub_id, weights
+    (default weight source), target_mpp and requires (extra package, if any).
+    """
+    import pandas as pd
+
+    rows = [{"name": e.name, **{k: e.metadata.get(k) for k in _LISTED}} for e in ENCODERS]
+    return pd.DataFrame(rows, columns=["name", *_LISTED]).set_index("name")
+
+
+# keep the family modules referenced: importing them is what registers their encoders
+_FAMILIES = (builtin, external, imagenet, openclip, timm_hub)
