@@ -19,6 +19,11 @@ SCHEMA_VERSION = "1"
 META_SCHEMA_VERSION = "embedstore.schema_version"
 META_ENCODER = "embedstore.encoder"
 META_KIND = "embedstore.kind"
+META_GENES = "embedstore.genes"  # JSON list of every measured gene of an expression file (zeros are not stored)
+
+# AnnData keys of spot and prediction objects (scanpy/squidpy plot obsm["spatial"]).
+OBSM_SPATIAL = "spatial"
+UNS_KEY = "embedstore"  # uns[UNS_KEY]: mpp, spot_diameter_um, image_path, technology, slide_id
 
 
 class Col:
@@ -39,6 +44,9 @@ class Col:
     GENE = "gene"
     COUNT = "count"
     PATIENT = "patient"
+    KEY = "key"  # an exemplar's search vector in an index's exemplars.parquet
+    EXPRESSION = "expression"  # an exemplar's log-normalised expression over the panel
+    TOTAL_COUNTS = "total_counts"
 
 
 def tile_schema() -> pa.Schema:
@@ -54,6 +62,65 @@ def tile_schema() -> pa.Schema:
             pa.field(Col.SIZE_PX, pa.int32(), nullable=False),
             pa.field(Col.PADDED, pa.bool_(), nullable=False),
         ]
+    )
+
+
+def embedding_schema(dim: int, encoder_meta: dict[str, Any] | None = None) -> pa.Schema:
+    """Arrow schema of an embedding table: the tile columns plus cohort, encoder and vector.
+
+    Parameters
+    ----------
+    dim
+        Length of the embedding vector (stored as ``fixed_size_list<float32>[dim]``).
+    encoder_meta
+        JSON-able encoder metadata (name, family, cfg, fingerprint) put into the
+        schema's key-value metadata; ``None`` leaves it out.
+    """
+    tiles = tile_schema()
+    fields = [
+        pa.field(Col.COHORT, pa.string(), nullable=False),
+        *tiles,
+        pa.field(Col.ENCODER, pa.string(), nullable=False),
+        pa.field(Col.FINGERPRINT, pa.string(), nullable=False),
+        pa.field(Col.EMBEDDING, pa.list_(pa.field("element", pa.float32(), nullable=False), int(dim)), nullable=False),
+    ]
+    meta = {META_SCHEMA_VERSION: SCHEMA_VERSION}
+    if encoder_meta is not None:
+        meta[META_ENCODER] = json.dumps(encoder_meta, sort_keys=True)
+    return pa.schema(fields, metadata=meta)
+
+
+def spots_schema() -> pa.Schema:
+    """Arrow schema of a spots table (one row per measured spot of an ST section)."""
+    return pa.schema(
+        [
+            pa.field(Col.COHORT, pa.string(), nullable=False),
+            pa.field(Col.SLIDE_ID, pa.string(), nullable=False),
+            pa.field(Col.SPOT_ID, pa.string(), nullable=False),
+            pa.field(Col.X, pa.float64(), nullable=False),
+            pa.field(Col.Y, pa.float64(), nullable=False),
+            pa.field(Col.PATIENT, pa.string(), nullable=True),
+            pa.field(Col.TOTAL_COUNTS, pa.float64(), nullable=False),
+        ],
+        metadata={META_SCHEMA_VERSION: SCHEMA_VERSION},
+    )
+
+
+def expression_schema(count_type: pa.DataType | None = None) -> pa.Schema:
+    """Arrow schema of a long, sparse expression table: one row per nonzero (spot, gene) count.
+
+    ``count_type`` is int32 (raw counts, the default) or float32 (non-integer values).
+    """
+    count_type = pa.int32() if count_type is None else count_type
+    return pa.schema(
+        [
+            pa.field(Col.COHORT, pa.string(), nullable=False),
+            pa.field(Col.SLIDE_ID, pa.string(), nullable=False),
+            pa.field(Col.SPOT_ID, pa.string(), nullable=False),
+            pa.field(Col.GENE, pa.string(), nullable=False),
+            pa.field(Col.COUNT, count_type, nullable=False),
+        ],
+        metadata={META_SCHEMA_VERSION: SCHEMA_VERSION},
     )
 
 

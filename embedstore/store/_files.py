@@ -1,0 +1,313 @@
+"""Low-level file mechanics of the store: atomic Parquet writes, OS locks, fast vector reads.
+
+Nothing here knows the store layout; ``_store.py`` decides where files go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedstore._schema import Col
+from embedstore.errors import BadInput
+
+# Names become Hive path segments (key=value) and DuckDB glob patterns, so keep them to
+# characters that need no URL-encoding and are not glob syntax.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@ -]*$")
+
+# Parquet writer settings of the embedding column, chosen by scripts/bench_storage.py:
+# PLAIN float pages (no dictionary, no compression, no page statistics) in data-page v2,
+# whose header gives the byte length of the levels, so the vector bytes of each page can
+# be read straight into the output array (see read_vectors_into). Other columns keep
+# dictionary + zstd + statistics (they are small and filtered on).
+DATA_PAGE_SIZE = 1 << 20
+ROW_GROUP_BYTES = 64 << 20
+
+
+def check_name(value: str, what: str) -> str:
+    """Return ``value`` if it can be a path segment of the store, else raise :class:`BadInput`."""
+    if not isinstance(value, str) or not _NAME.match(value) or value.endswith(" "):
+        msg = (
+            f"{value!r}: not a valid {what} for the store; use letters, digits and _ . : + @ - "
+            "(no slashes, '=', '%', glob characters or leading dot)"
+        )
+        raise BadInput(msg)
+    return value
+
+
+def row_group_rows(dim: int) -> int:
+    """Rows per row group: about 64 MiB of vectors, between 1,024 and 65,536 rows."""
+    return int(min(65536, max(1024, ROW_GROUP_BYTES // max(1, 4 * dim))))
+
+
+def _leaf_path(schema: pa.Schema, name: str) -> str:
+    """Dotted Parquet path of the leaf under a (fixed-size) list column, e.g. ``embedding.list.element``."""
+    field = schema.field(name)
+    return f"{name}.list.{field.type.value_field.name}"
+
+
+def write_options(schema: pa.Schema, vector_col: str | None = Col.EMBEDDING) -> dict[str, Any]:
+    """Keyword arguments of ``pq.write_table`` for a table with one vector column."""
+    names = [n for n in schema.names if n != vector_col]
+    compression: dict[str, str] = dict.fromkeys(names, "zstd")
+    opts: dict[str, Any] = {"data_page_version": "2.0", "data_page_size": DATA_PAGE_SIZE}
+    if vector_col is not None and vector_col in schema.names:
+        compression[_leaf_path(schema, vector_col)] = "none"
+        opts["use_dictionary"] = [n for n in names if pa.types.is_string(schema.field(n).type)]
+        opts["write_statistics"] = names
+    opts["compression"] = compression
+    return opts
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (a rename or a new file) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(
+    table: pa.Table, dest: Path, tmp_dir: Path | None = None, row_group_size: int | None = None, **options: Any
+) -> Path:
+    """Write ``table`` to ``dest`` so that a reader sees the whole file or none.
+
+    The bytes go to a temporary file (in ``tmp_dir``, default ``dest``'s folder), are fsynced,
+    then ``os.replace``d onto ``dest`` and the folder is fsynced.
+
+    Parameters
+    ----------
+    table
+        Table to write; its schema metadata is kept.
+    dest
+        Final path.
+    tmp_dir
+        Folder on the same file system for the temporary file; put it outside the folders
+        readers glob so that not even the temporary name is ever listed.
+    row_group_size
+        Rows per row group (pyarrow's default when ``None``).
+    **options
+        Passed to ``pyarrow.parquet.write_table``.
+    """
+    dest = Path(dest)
+    tmp_dir = Path(tmp_dir) if tmp_dir is not None else dest.parent
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f".{dest.name}.tmp-{os.getpid()}"
+    try:
+        with tmp.open("wb") as f:
+            pq.write_table(table, f, row_group_size=row_group_size, **options)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+    return dest
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` while the block runs; yield whether it was acquired.
+
+    The kernel drops the lock when the process dies (even by SIGKILL), so a crashed run
+    never blocks the next one. The file records pid and host of the holder for messages.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
+        try:
+            yield True
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds (or last held) the lock file, e.g. ``"pid=12 host=node3"``; empty if unknown."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+# --- fast vector reads -------------------------------------------------------------------
+#
+# pyarrow decodes a Parquet LIST value by value (repetition + definition levels), which
+# makes a fixed-size-list column ~5x slower to read than its raw bytes. The vector column
+# is written as PLAIN, uncompressed, v2 data pages, whose header states the byte length of
+# the levels, so the floats of each page are one contiguous run we can pread into the
+# output array. Any file that is not exactly like that falls back to pyarrow.
+
+
+class NotPlain(Exception):
+    """The column chunk is not PLAIN/uncompressed/v2 without nulls: use the generic reader."""
+
+
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    r = s = 0
+    while True:
+        x = b[i]
+        i += 1
+        r |= (x & 0x7F) << s
+        s += 7
+        if not x & 0x80:
+            return r, i
+
+
+def _zigzag(n: int) -> int:
+    return (n >> 1) ^ -(n & 1)
+
+
+def _skip(b: bytes, i: int, t: int) -> int:
+    if t in (1, 2, 3):  # bool inside a container, byte
+        return i + 1
+    if t in (4, 5, 6):
+        return _varint(b, i)[1]
+    if t == 7:
+        return i + 8
+    if t == 8:
+        n, i = _varint(b, i)
+        return i + n
+    if t == 12:
+        return _struct(b, i)[1]
+    if t in (9, 10):
+        x = b[i]
+        i += 1
+        n, et = x >> 4, x & 0x0F
+        if n == 15:
+            n, i = _varint(b, i)
+        for _ in range(n):
+            i = _skip(b, i, et)
+        return i
+    msg = f"thrift type {t}"
+    raise NotPlain(msg)
+
+
+def _struct(b: bytes, i: int) -> tuple[dict[int, Any], int]:
+    """Decode a Thrift compact-protocol struct: integer/bool/struct fields by id; others skipped."""
+    out: dict[int, Any] = {}
+    fid = 0
+    while True:
+        h = b[i]
+        i += 1
+        if h == 0:
+            return out, i
+        t, delta = h & 0x0F, h >> 4
+        if delta:
+            fid += delta
+        else:
+            v, i = _varint(b, i)
+            fid = _zigzag(v)
+        if t in (1, 2):
+            out[fid] = t == 1
+        elif t in (4, 5, 6):
+            v, i = _varint(b, i)
+            out[fid] = _zigzag(v)
+        elif t == 12:
+            out[fid], i = _struct(b, i)
+        else:
+            i = _skip(b, i, t)
+
+
+def _page_header(fd: int, offset: int) -> tuple[dict[int, Any], int]:
+    for size in (512, 1 << 16, 1 << 22):
+        buf = os.pread(fd, size, offset)
+        try:
+            return _struct(buf, 0)
+        except IndexError:
+            if len(buf) < size:
+                break
+    msg = "truncated page header"
+    raise NotPlain(msg)
+
+
+_DATA_PAGE_V2 = 3
+_PLAIN = 0
+
+
+def read_vectors_into(path: Path, md: pq.FileMetaData, column: str, out: np.ndarray) -> None:
+    """Read a float32 fixed-size-list column straight into ``out`` (rows x dim, C-contiguous).
+
+    Raises :class:`NotPlain` when the column is not stored as PLAIN, uncompressed v2 pages
+    without nulls; the caller then uses pyarrow.
+    """
+    leaf = next(
+        (i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column),
+        None,
+    )
+    if leaf is None or md.schema.column(leaf).physical_type != "FLOAT":
+        raise NotPlain(column)
+    flat = out.reshape(-1)
+    if not flat.flags.c_contiguous or flat.dtype != np.float32:
+        msg = "output"
+        raise NotPlain(msg)
+    pos = 0
+    with Path(path).open("rb", buffering=0) as f:
+        fd = f.fileno()
+        for rg in range(md.num_row_groups):
+            cc = md.row_group(rg).column(leaf)
+            if cc.compression != "UNCOMPRESSED" or cc.has_dictionary_page:
+                raise NotPlain(cc.compression)
+            off = cc.data_page_offset
+            end = off + cc.total_compressed_size
+            while off < end:
+                h, hlen = _page_header(fd, off)
+                v2 = h.get(8)
+                if h.get(1) != _DATA_PAGE_V2 or v2 is None or v2.get(4) != _PLAIN or v2.get(2, 0) != 0:
+                    msg = "page"
+                    raise NotPlain(msg)
+                n = v2[1]
+                if pos + n > flat.size:
+                    msg = "size"
+                    raise NotPlain(msg)
+                body = off + hlen + v2.get(5, 0) + v2.get(6, 0)
+                view = memoryview(flat[pos : pos + n]).cast("B")
+                got = os.preadv(fd, [view], body)
+                if got != view.nbytes:
+                    msg = "short read"
+                    raise NotPlain(msg)
+                pos += n
+                off += hlen + h[3]
+    if pos != flat.size:
+        msg = "count"
+        raise NotPlain(msg)
+
+
+def vectors_from_arrow(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """(rows, dim) float32 array from an Arrow (fixed-size) list column, copying only to cast."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        msg = "embedding column has null vectors"
+        raise BadInput(msg)
+    values = col.flatten() if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) else col.values
+    if pa.types.is_fixed_size_list(col.type) and col.offset:
+        values = values.slice(col.offset * dim, len(col) * dim)
+    arr = values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(arr, dtype=np.float32).reshape(len(col), dim)
+
+
+def read_table_columns(path: Path, columns: Sequence[str]) -> pa.Table:
+    """Read some columns of one Parquet file (no Hive partition discovery)."""
+    return pq.read_table(path, columns=list(columns), partitioning=None)
