@@ -299,10 +299,15 @@ class Store:
         self._con = None  # views list files at creation
 
     def write_spots_anndata(self, cohort: str, slide_id: str, adata: Any) -> None:
-        """:meth:`write_spots` from an AnnData of the spots contract (obsm['spatial'], obs['patient'])."""
+        """:meth:`write_spots` from an AnnData of the spots contract.
+
+        Spot ids come from ``obs['spot_id']`` (the source's own ids, as the embedding
+        table's ``spot_id`` holds them), else from ``obs_names``.
+        """
         patient = adata.obs[Col.PATIENT].astype(str).tolist() if Col.PATIENT in adata.obs.columns else None
+        ids = adata.obs[Col.SPOT_ID] if Col.SPOT_ID in adata.obs.columns else adata.obs_names
         self.write_spots(
-            cohort, slide_id, list(map(str, adata.obs_names)), np.asarray(adata.obsm["spatial"]), adata.X,
+            cohort, slide_id, list(map(str, ids)), np.asarray(adata.obsm["spatial"]), adata.X,
             list(map(str, adata.var_names)), patient,
         )  # fmt: skip
 
@@ -479,5 +484,5 @@ def open_store(path: str | Path, read_only: bool = True) -> Store:
             msg = f"{root}: no store folder here; check the path, or embed slides into it first"
             raise BadInput(msg)
     else:
-        root.mkdir(parents=True, exist_ok=True)
+        check_writable(root)
     return Store(root.resolve(), read_only=read_only)

@@ -1,0 +1,358 @@
+"""The embedding stage: slides (or an ST data set) -> tiles -> encoder -> Parquet store.
+
+One orchestrating function, :func:`embed`. Tiles are read and preprocessed by DataLoader
+workers while the model runs; each batch is staged durably, so a crash loses at most the
+batch in flight and a rerun resumes. A per-slide OS lock (released by the kernel when a
+process dies) keeps two concurrent runs from embedding the same slide twice. A failing
+slide does not stop the others: every run ends with a per-slide summary and a non-zero
+status when any requested slide has no rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embedstore._schema import Col
+from embedstore.errors import BadInput, EmbedstoreError
+
+LOG = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (
+    ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+    ".jpg", ".jpeg", ".png",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class SlideJob:
+    """One slide to embed: where it is, how to tile it, and its spots if it has any."""
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+    spots: Any = None  # AnnData of an ST section (spot-centred tiles), or None (tissue grid)
+
+
+@dataclasses.dataclass
+class SlideResult:
+    """What happened to one slide in a run."""
+
+    slide_id: str
+    status: str  # "done" | "skipped" | "failed"
+    n_tiles: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class EmbedReport:
+    """Per-slide outcome of :func:`embed`, and where the table is."""
+
+    store: Path
+    encoder: str
+    cohort: str
+    results: list[SlideResult]
+
+    @property
+    def ok(self) -> bool:
+        """True when no requested slide failed."""
+        return all(r.status != "failed" for r in self.results)
+
+    def summary(self) -> str:
+        """A plain-text table, one line per slide."""
+        lines = [f"{'slide':<32} {'status':<8} {'tiles':>7} {'s':>7}  reason"]
+        for r in self.results:
+            lines.append(f"{r.slide_id:<32} {r.status:<8} {r.n_tiles:>7} {r.seconds:>7.1f}  {r.reason}")
+        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
+        lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+        return "\n".join(lines)
+
+
+def find_jobs(
+    data: str | Path,
+    mpp: float | None = None,
+    mpp_csv: str | Path | None = None,
+) -> tuple[list[SlideJob], str]:
+    """Resolve DATA into slide jobs: a slide file, a folder of slides, or an ST data set.
+
+    Parameters
+    ----------
+    data
+        A slide file, a folder of slide files, or a spatial-transcriptomics data set in a
+        layout :func:`embedstore.spots.read_dataset` accepts.
+    mpp
+        µm/px for every slide (overrides slide metadata).
+    mpp_csv
+        CSV with columns ``slide,mpp`` giving µm/px per slide (file name or slide id).
+
+    Returns
+    -------
+    The jobs, and the default cohort name (the data folder's name).
+    """
+    from embedstore import slides, spots
+
+    path = Path(data)
+    if not path.exists():
+        msg = f"{path}: no such file or folder; pass a slide, a folder of slides, or an ST data set"
+        raise BadInput(msg)
+    per_slide = slides.read_mpp_csv(mpp_csv) if mpp_csv else {}
+    cohort = path.stem if path.is_file() else path.name
+
+    if path.is_dir() and spots.detect_layout(path) is not None:
+        jobs = []
+        for section in spots.read_dataset(path):
+            info = section.uns["embedstore"]
+            slide_id = info["slide_id"]
+            if not info.get("image_path"):
+                msg = f"{path}: section {slide_id} has no image; give the full-resolution image of each section"
+                raise BadInput(msg)
+            jobs.append(SlideJob(slide_id, Path(info["image_path"]), mpp or info.get("mpp"), section))
+        return jobs, cohort
+
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+    if not files:
+        msg = f"{path}: no slides found (looked for {', '.join(SLIDE_SUFFIXES)}); pass a slide or a folder of slides"
+        raise BadInput(msg)
+    jobs = []
+    for f in files:
+        slide_mpp = mpp or per_slide.get(f.name) or per_slide.get(f.stem)
+        jobs.append(SlideJob(f.stem, f, slide_mpp))
+    return jobs, cohort
+
+
+def embed(
+    data: str | Path,
+    store: str | Path,
+    encoder: str | None = None,
+    *,
+    weights: str | None = None,
+    cohort: str | None = None,
+    mpp: float | None = None,
+    mpp_csv: str | Path | None = None,
+    target_mpp: float | None = None,
+    size_px: int = 224,
+    min_tissue: float = 0.25,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed a slide, a folder of slides, or an ST data set into a Parquet store.
+
+    Slides already complete in the store are skipped; slides a crashed run left partial
+    resume from their staged batches. ST data sets get spot-centred tiles and their
+    spots and counts are written to the store for SQL joins; plain slides get a tissue grid.
+
+    Parameters
+    ----------
+    data
+        See :func:`find_jobs`.
+    store
+        Store folder; created when missing.
+    encoder
+        Registered encoder name (see ``list_encoders()``); the built-in encoder by default.
+    weights
+        Where the encoder's weights are: ``hf-hub:org/repo``, ``local-dir:/path`` or a file.
+    cohort
+        Cohort name in the store; defaults to the data folder's name.
+    mpp, mpp_csv
+        µm/px for slides whose metadata lacks it (see :func:`find_jobs`).
+    target_mpp
+        µm/px to tile at; defaults to the encoder's own (usually 0.5).
+    size_px
+        Tile side in pixels at ``target_mpp``.
+    min_tissue
+        Minimum tissue fraction of a grid tile.
+    device
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
+    batch_size, workers
+        Tiles per forward pass, and DataLoader worker processes reading tiles.
+    progress
+        Show a progress bar with tiles/s.
+    """
+    from embedstore.encoders import DEFAULT_ENCODER, create_encoder
+    from embedstore.store import open_store
+
+    out = open_store(store, read_only=False)
+    out.check_writable()  # fail before any compute
+    jobs, default_cohort = find_jobs(data, mpp=mpp, mpp_csv=mpp_csv)
+    cohort = cohort or default_cohort
+    enc = create_encoder(encoder or DEFAULT_ENCODER, weights=weights).to(device)
+    target_mpp = target_mpp or enc.cfg.target_mpp
+    meta = enc.metadata()
+    LOG.info("embedding %d slide(s) of cohort %s with %s into %s", len(jobs), cohort, enc.name, out.root)
+
+    results: dict[str, SlideResult] = {}
+    deferred: list[SlideJob] = []
+
+    def run(job: SlideJob, blocking: bool) -> bool:
+        start = time.perf_counter()
+        with out.lock_slide(enc.name, cohort, job.slide_id, blocking=blocking) as acquired:
+            if not acquired:
+                return False
+            if out.slide_status(enc.name, cohort, job.slide_id) == "complete":
+                results[job.slide_id] = SlideResult(job.slide_id, "skipped", 0, 0.0, "already in the store")
+                return True
+            try:
+                n = _embed_slide(
+                    job, out, enc, meta, cohort, target_mpp, size_px, min_tissue, batch_size, workers, progress
+                )
+            except EmbedstoreError as e:
+                results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, str(e))
+                LOG.error("%s", e)
+            except Exception as e:  # one broken slide must not stop the cohort; the summary names it
+                LOG.exception("slide %s failed", job.slide_id)
+                reason = f"{job.path}: {type(e).__name__}: {e}"
+                results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, reason)
+            else:
+                results[job.slide_id] = SlideResult(job.slide_id, "done", n, time.perf_counter() - start)
+        return True
+
+    for job in jobs:
+        if not run(job, blocking=False):
+            LOG.info("slide %s is being embedded by another run; coming back to it", job.slide_id)
+            deferred.append(job)
+    for job in deferred:  # wait for the other run, then skip (complete) or resume (it died)
+        run(job, blocking=True)
+    ordered = [results[j.slide_id] for j in jobs]
+    return EmbedReport(out.root, enc.name, cohort, ordered)
+
+
+def _tile_table(job: SlideJob, slide: Any, target_mpp: float, size_px: int, min_tissue: float) -> pa.Table:
+    from embedstore import tiling
+
+    if job.spots is None:
+        return tiling.grid_tiles(slide, target_mpp=target_mpp, size_px=size_px, min_tissue=min_tissue)
+    spot_ids = job.spots.obs[Col.SPOT_ID].astype(str).tolist()
+    return tiling.spot_tiles(
+        slide, np.asarray(job.spots.obsm["spatial"]), spot_ids, target_mpp=target_mpp, size_px=size_px
+    )
+
+
+def _embed_slide(
+    job: SlideJob,
+    out: Any,
+    enc: Any,
+    meta: dict,
+    cohort: str,
+    target_mpp: float,
+    size_px: int,
+    min_tissue: float,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+) -> int:
+    """Embed the tiles of one slide that are not staged yet; publish the slide; return its tile count."""
+    from embedstore import slides, tiling
+
+    with slides.open_slide(job.path, mpp=job.mpp, slide_id=job.slide_id) as slide:
+        tiles = _tile_table(job, slide, target_mpp, size_px, min_tissue)
+    if tiles.num_rows == 0:
+        msg = f"{job.path}: no tiles (no tissue found at {target_mpp} µm/px); check the slide or lower --min-tissue"
+        raise BadInput(msg)
+    if job.spots is not None:
+        out.write_spots_anndata(cohort, job.slide_id, job.spots)
+    writer = out.slide_writer(meta, cohort, job.slide_id)
+    done = writer.done_tile_ids()
+    ids = tiles.column(Col.TILE_ID).to_pylist()
+    todo = np.array([i for i, t in enumerate(ids) if t not in done], dtype=np.int64)
+    if len(done):
+        LOG.info("%s: resuming, %d of %d tiles already staged", job.slide_id, len(ids) - len(todo), len(ids))
+    reader = tiling.TileReader(job.path, tiles, mpp=job.mpp)
+    bar = _progress(len(todo), f"{job.slide_id}", progress)
+    for rows, batch in iterate_batches(reader, todo, enc.transform(), batch_size, workers):
+        embeddings = enc.forward(batch)
+        writer.append(tiles.take(pa.array(rows)), embeddings)
+        bar(len(rows))
+    bar(0, close=True)
+    writer.commit()
+    return len(ids)
+
+
+def iterate_batches(
+    reader: Any,
+    indices: np.ndarray,
+    transform: Callable[[np.ndarray], Any],
+    batch_size: int,
+    workers: int,
+):
+    """Yield ``(row indices, model input)`` batches, reading and preprocessing in workers.
+
+    Parameters
+    ----------
+    reader
+        A :class:`embedstore.tiling.TileReader` (picklable; opens its slide once per worker).
+    indices
+        Rows of the reader's tile table to read, in order.
+    transform
+        The encoder's batch transform, uint8 ``(B, H, W, 3)`` -> model input; runs in the workers.
+    batch_size, workers
+        Tiles per batch, and worker processes (0 reads in this process).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    if len(indices) == 0:
+        return
+    dataset = _TileSubset(reader, indices)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_Collate(transform),
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+    yield from loader
+
+
+class _TileSubset:
+    """Map-style dataset over selected rows of a tile reader: item -> (row, uint8 tile)."""
+
+    def __init__(self, reader: Any, indices: np.ndarray) -> None:
+        self.reader = reader
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, np.ndarray]:
+        row = int(self.indices[j])
+        return row, self.reader[row]
+
+
+class _Collate:
+    """Stack tiles and apply the encoder's transform inside the worker process."""
+
+    def __init__(self, transform: Callable[[np.ndarray], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, items: Sequence[tuple[int, np.ndarray]]) -> tuple[np.ndarray, Any]:
+        rows = np.fromiter((r for r, _ in items), dtype=np.int64, count=len(items))
+        tiles = np.stack([t for _, t in items])
+        return rows, self.transform(tiles)
+
+
+def _progress(total: int, label: str, enabled: bool) -> Callable[..., None]:
+    """A tqdm bar showing tiles/s, or a no-op when disabled."""
+    if not enabled or total == 0:
+        return lambda n, close=False: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="tile", leave=False, dynamic_ncols=True)
+
+    def update(n: int, close: bool = False) -> None:
+        bar.update(n)
+        if close:
+            bar.close()
+
+    return update
