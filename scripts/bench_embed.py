@@ -51,7 +51,7 @@ def _pipeline(reader, rows, enc, batch_size, workers):
     from embedstore.embed import iterate_batches
 
     batches = iterate_batches(reader, rows, enc.transform(), batch_size, workers)
-    first_rows, first = next(batches)
+    _first_rows, first = next(batches)
     enc.forward(first)  # warm start: worker start-up is a per-slide cost, not a per-tile one
     t0 = time.perf_counter()
     n, in_forward = 0, 0.0
@@ -76,7 +76,7 @@ def _bare_read(path: Path, tiles, n: int, size_px: int) -> float:
     from PIL import Image
 
     osr = openslide.OpenSlide(str(path))
-    side = int(round(size_px * tiles.column("mpp")[0].as_py() / float(osr.properties["openslide.mpp-x"])))
+    side = round(size_px * tiles.column("mpp")[0].as_py() / float(osr.properties["openslide.mpp-x"]))
     xs, ys = tiles.column("x").to_numpy()[:n], tiles.column("y").to_numpy()[:n]
     t0 = time.perf_counter()
     for x, y in zip(xs, ys, strict=True):
@@ -115,7 +115,8 @@ def main() -> None:
         reader = TileReader(path, tiles)
         per_run = args.batch_size * (args.batches + 1)
         if tiles.num_rows < per_run:
-            raise SystemExit(f"only {tiles.num_rows} tiles; need {per_run}")
+            msg = f"only {tiles.num_rows} tiles; need {per_run}"
+            raise SystemExit(msg)
         transform = enc.transform()
         ready = [
             transform(np.stack([reader[i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]))

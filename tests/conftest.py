@@ -1,0 +1,34 @@
+import os
+import pathlib
+
+import pytest
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{SHARED} is missing; CI needs ../shared/data beside the repository")
+        pytest.skip("../shared/data not present")
+    return SHARED
+
+
+# Shared synthetic fixtures, built through embedstore.testing (session-scoped: written once per run).
+@pytest.fixture(scope="session")
+def synthetic_slide_path(tmp_path_factory):
+    """A 2,048 x 1,536 px pyramidal TIFF at 0.5 µm/px (levels 1, 2, 4) with a tissue blob."""
+    from embedstore.testing import write_synthetic_slide
+
+    return write_synthetic_slide(tmp_path_factory.mktemp("slide") / "synthetic.tif", 2048, 1536, mpp=0.5, seed=7)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory):
+    """A 3-section legacy-ST cohort in the her2st layout (2,000 px slides at 1 µm/px, ~50 spots, 50 genes)."""
+    from embedstore.testing import make_synthetic_cohort
+
+    return make_synthetic_cohort(
+        tmp_path_factory.mktemp("cohort"), n_slides=3, n_spots=60, n_genes=50, seed=0, width=2000, height=2000, mpp=1.0
+    )
