@@ -36,11 +36,13 @@ LOG = logging.getLogger(__name__)
 
 __all__ = [
     "TileReader",
+    "describe_slide",
     "draw_tile_preview",
     "grid_tiles",
     "iter_tile_batches",
     "read_tile_table",
     "spot_tiles",
+    "tile",
     "tile_geometry",
     "write_tile_table",
 ]
@@ -467,3 +469,60 @@ def draw_tile_preview(slide: Slide, table: pa.Table, png_path: str | Path, max_s
         tmp.unlink(missing_ok=True)
     LOG.info("wrote tile preview %s (%d tiles)", png_path, len(table))
     return png_path
+
+
+def tile(
+    slide_path: str | Path,
+    out: str | Path | None = None,
+    *,
+    mpp: float | None = None,
+    target_mpp: float = 0.5,
+    size_px: int = 224,
+    min_tissue: float = 0.25,
+    preview: str | Path | None = None,
+) -> pa.Table:
+    """Tiling stage: the tissue grid of one slide, written as a tile table on request.
+
+    Parameters
+    ----------
+    slide_path
+        Slide file.
+    out
+        Parquet file to write the tile table to (atomically); ``None`` only returns it.
+    mpp
+        µm/px when the slide's metadata lacks it.
+    target_mpp, size_px, min_tissue
+        See :func:`grid_tiles`.
+    preview
+        PNG path for a thumbnail with the tile grid drawn.
+    """
+    with open_slide(slide_path, mpp=mpp) as slide:
+        table = grid_tiles(slide, target_mpp=target_mpp, size_px=size_px, min_tissue=min_tissue)
+        if preview is not None:
+            draw_tile_preview(slide, table, preview)
+    if out is not None:
+        write_tile_table(table, out)
+    return table
+
+
+def describe_slide(
+    slide_path: str | Path, *, mpp: float | None = None, target_mpp: float = 0.5, size_px: int = 224
+) -> dict[str, Any]:
+    """Properties of a slide for ``embedstore info``: size, levels, µm/px, tissue fraction, tile count."""
+    with open_slide(slide_path, mpp=mpp) as slide:
+        mask, downsample = tissue_mask(slide)
+        tiles = grid_tiles(slide, target_mpp=target_mpp, size_px=size_px, mask=(mask, downsample))
+        levels = ", ".join(
+            f"{w}x{h} ({slide.level_mpp(i):.3g} µm/px)" for i, (w, h) in enumerate(slide.level_dimensions)
+        )
+        return {
+            "file": str(slide.path),
+            "slide_id": slide.slide_id,
+            "backend": slide.backend,
+            "dimensions": f"{slide.dimensions[0]} x {slide.dimensions[1]} px",
+            "mpp": f"{slide.mpp:.4g} µm/px",
+            "levels": levels,
+            "tissue_fraction": f"{float(mask.mean()):.3f}",
+            "tiles": f"{tiles.num_rows} at {target_mpp} µm/px, {size_px} px "
+            f"({int(np.sum(tiles.column(Col.PADDED).to_numpy(zero_copy_only=False)))} padded)",
+        }
