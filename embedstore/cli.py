@@ -1,0 +1,213 @@
+"""The ``embedstore`` command: one subcommand per stage, each one public call.
+
+Errors that embedstore raises on purpose (``EmbedstoreError``) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from embedstore.errors import EmbedstoreError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Predict spatial gene expression from H&E: tile, embed once, align, index, predict, evaluate.",
+)
+index_app = typer.Typer(no_args_is_help=True, help="Build and inspect exemplar indexes.")
+app.add_typer(index_app, name="index")
+
+ExistingPath = Annotated[Path, typer.Argument(exists=True, help="A file or folder that exists.")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def info(
+    slide: ExistingPath,
+    mpp: Annotated[float | None, typer.Option(help="µm/px when the slide's metadata lacks it.")] = None,
+    target_mpp: Annotated[float, typer.Option(help="µm/px the tile count is computed at.")] = 0.5,
+    size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,
+) -> None:
+    """Show a slide's properties, levels, µm/px, tissue fraction and tile count."""
+    from embedstore.tiling import describe_slide
+
+    for key, value in describe_slide(slide, mpp=mpp, target_mpp=target_mpp, size_px=size).items():
+        typer.echo(f"{key:<18} {value}")
+
+
+@app.command()
+def tile(
+    slide: ExistingPath,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tile table to write (Parquet).")],
+    mpp: Annotated[float | None, typer.Option(help="µm/px when the slide's metadata lacks it.")] = None,
+    target_mpp: Annotated[float, typer.Option(help="µm/px to tile at.")] = 0.5,
+    size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,
+    min_tissue: Annotated[float, typer.Option(help="Minimum tissue fraction of a tile.")] = 0.25,
+    preview: Annotated[Path | None, typer.Option(help="Also write a thumbnail PNG with the grid drawn.")] = None,
+) -> None:
+    """Write the tissue tile grid of a slide, and optionally a preview of it."""
+    from embedstore.tiling import tile as tile_slide
+
+    table = tile_slide(slide, out, mpp=mpp, target_mpp=target_mpp, size_px=size, min_tissue=min_tissue, preview=preview)
+    padded = sum(table.column("padded").to_pylist())
+    typer.echo(f"{table.num_rows} tiles ({padded} padded at the border) -> {out}")
+    if preview:
+        typer.echo(f"preview -> {preview}")
+
+
+@app.command()
+def encoders() -> None:
+    """List the registered encoders with dimension, licence and weight source."""
+    from embedstore.encoders import list_encoders
+
+    typer.echo(list_encoders().to_string())
+
+
+@app.command()
+def embed(
+    data: ExistingPath,
+    store: Annotated[Path, typer.Option(help="Store folder (created when missing).")],
+    encoder: Annotated[str | None, typer.Option(help="Encoder name; the built-in one by default.")] = None,
+    weights: Annotated[str | None, typer.Option(help="hf-hub:org/repo, local-dir:/path or a weight file.")] = None,
+    cohort: Annotated[str | None, typer.Option(help="Cohort name; the data folder's name by default.")] = None,
+    mpp: Annotated[float | None, typer.Option(help="µm/px for every slide.")] = None,
+    mpp_csv: Annotated[Path | None, typer.Option(help="CSV with columns slide,mpp.")] = None,
+    target_mpp: Annotated[float | None, typer.Option(help="µm/px to tile at; the encoder's own by default.")] = None,
+    size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="Worker processes reading tiles.")] = 2,
+) -> None:
+    """Embed a slide, a folder of slides, or an ST data set into a Parquet store (resumable)."""
+    from embedstore.embed import embed as run_embed
+
+    report = run_embed(
+        data, store, encoder, weights=weights, cohort=cohort, mpp=mpp, mpp_csv=mpp_csv,
+        target_mpp=target_mpp, size_px=size, device=device, batch_size=batch_size, workers=workers,
+    )  # fmt: skip
+    typer.echo(report.summary())
+    typer.echo(f"table: {report.store}/embeddings/encoder={report.encoder}/cohort={report.cohort}/")
+    typer.echo(f'query: embedstore sql {report.store} "SELECT slide_id, count(*) FROM embeddings GROUP BY 1"')
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sql(
+    store: ExistingPath,
+    query: Annotated[str, typer.Argument(help="SQL over the views embeddings, slides, spots, expression.")],
+    output: Annotated[str, typer.Option(help="table, csv or json.")] = "table",
+    write: Annotated[bool, typer.Option(help="Allow statements that write.")] = False,
+) -> None:
+    """Run SQL on a store in DuckDB and print the result."""
+    from embedstore.store import open_store
+
+    df = open_store(store, read_only=not write).sql(query)
+    if output == "csv":
+        typer.echo(df.to_csv(index=False), nl=False)
+    elif output == "json":
+        typer.echo(df.to_json(orient="records"))
+    else:
+        typer.echo(df.to_string(index=False, max_rows=200))
+
+
+@index_app.command("build")
+def index_build(
+    recipe: Annotated[str, typer.Argument(help="Recipe name (see `index list`) or a .toml file.")],
+    store: Annotated[Path, typer.Option(help="Store holding the reference embeddings and expression.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")],
+) -> None:
+    """Build an exemplar index (aligner, FAISS, aggregator) from a recipe."""
+    from embedstore.reference import build_index
+
+    path = build_index(recipe, store, out)
+    typer.echo(f"index -> {path}")
+
+
+@index_app.command("list")
+def index_list() -> None:
+    """List the recipes found in the recipe folders."""
+    from embedstore.recipes import list_recipes
+
+    for name in list_recipes():
+        typer.echo(name)
+
+
+@app.command()
+def predict(
+    index: Annotated[Path, typer.Option(exists=True, help="Index folder.")],
+    store: Annotated[Path, typer.Option(exists=True, help="Store with the query embeddings.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="AnnData file to write (.h5ad).")],
+    slide: Annotated[list[str] | None, typer.Option(help="Slide id(s) to predict; all by default.")] = None,
+    cohort: Annotated[str | None, typer.Option(help="Cohort of the query slides.")] = None,
+    k: Annotated[int | None, typer.Option(help="Neighbours; the index's own by default.")] = None,
+    aggregator: Annotated[str | None, typer.Option(help="mean, softmax, idw or learned.")] = None,
+    plot: Annotated[bool, typer.Option(help="Also write maps of the top predicted genes (PNG).")] = False,
+) -> None:
+    """Predict expression for stored tiles and write AnnData (scanpy/squidpy ready)."""
+    from embedstore.predict import predict as run_predict
+
+    adata = run_predict(index, store, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator, out=out, plot=plot)
+    typer.echo(f"{adata.n_obs} tiles x {adata.n_vars} genes -> {out}")
+
+
+@app.command()
+def evaluate(
+    reference: Annotated[Path, typer.Option(exists=True, help="Reference ST data set.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for predictions, metrics.json, report.html.")],
+    query: Annotated[
+        Path | None, typer.Option(exists=True, help="Query ST data set; omit for cross-validation.")
+    ] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder name; the built-in one by default.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Encoder weights (see embed).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Store to embed into; OUT/store by default.")] = None,
+    k: Annotated[int, typer.Option(help="Neighbours for the kNN methods.")] = 50,
+    n_genes: Annotated[int, typer.Option(help="Panel size (most variable genes of the reference).")] = 250,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Compare every method on the same embeddings, genes and leakage-free splits."""
+    from embedstore.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(
+        reference, out, query=query, encoder=encoder, weights=weights, store=store, k=k, n_genes=n_genes, seed=seed
+    )
+    typer.echo(result.table())
+    typer.echo(f"report -> {result.report}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
+    data: Annotated[
+        Path | None, typer.Option(exists=True, help="A real ST data set instead of the synthetic one.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the whole pipeline offline: synthetic cohort (or --data), embed, align, index, predict, evaluate."""
+    from embedstore.evaluate import demo as run_demo
+
+    result = run_demo(out, data=data, seed=seed)
+    typer.echo(result.table())
+    typer.echo(f"report -> {result.report}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning EmbedstoreError into one line and exit code 2."""
+    try:
+        app()
+    except EmbedstoreError as e:
+        typer.echo(f"embedstore: error: {e}", err=True)
+        sys.exit(2)
