@@ -1,0 +1,401 @@
+"""The evaluation stage: every method on the same embeddings, genes and leakage-free splits.
+
+``evaluate`` embeds a reference and a query ST data set (or cross-validates one data set by
+patient, or by section when it has one patient), builds what each method needs from the
+reference only (gene panel and gene sets, ridge probe, raw-embedding index, aligner,
+aligned index, learned aggregator), predicts the query, and writes
+``predictions_<method>.h5ad``, ``metrics.json`` and ``report.html``. ``demo`` runs it offline
+on a synthetic cohort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedstore._schema import UNS_KEY, Col
+from embedstore.errors import BadInput
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "EvalResult", "demo", "evaluate"]
+
+METHODS = ("ridge", "knn-raw", "bleep", "softmax", "idw", "learned")
+METHOD_NOTES = {
+    "ridge": "HEST-Benchmark probe: standard scaling, PCA(256), ridge alpha = 100 / (features x genes)",
+    "knn-raw": "kNN on raw (L2-normalised) embeddings, mean of top k; no aligner",
+    "bleep": "BLEEP: contrastive aligner, expression exemplars, mean of top k",
+    "softmax": "aligner + similarity-softmax over top k (Loki-like)",
+    "idw": "aligner + inverse-distance weighting over top k (mclSTExp)",
+    "learned": "aligner + EGN-style exemplar attention, trained leaving each reference slide/patient out",
+}
+N_SET = 50  # genes in the HVG and highest-mean gene sets (HEST; BLEEP/mclSTExp)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Where an evaluation wrote its files, and its metrics."""
+
+    out: Path
+    metrics: dict[str, Any]
+    report: Path
+
+    def table(self) -> str:
+        """Methods x gene sets, Pearson mean ± SD over slides, as plain text."""
+        from embedstore.report import format_table
+
+        return format_table(self.metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Knobs shared by every method of one evaluation."""
+
+    k: int = 50
+    n_genes: int = 250
+    seed: int = 0
+    tau: float = 0.1
+    aligner: tuple[tuple[str, Any], ...] = ()  # AlignerConfig overrides
+    methods: tuple[str, ...] = METHODS
+
+
+def evaluate(
+    reference: str | Path,
+    out: str | Path,
+    query: str | Path | None = None,
+    *,
+    encoder: str | None = None,
+    weights: str | None = None,
+    store: str | Path | None = None,
+    k: int = 50,
+    n_genes: int = 250,
+    seed: int = 0,
+    methods: Sequence[str] = METHODS,
+    aligner: dict[str, Any] | None = None,
+    workers: int = 2,
+    batch_size: int = 32,
+) -> EvalResult:
+    """Compare every method on the same embeddings, gene sets and leakage-free split.
+
+    Parameters
+    ----------
+    reference
+        Reference ST data set (any layout :func:`embedstore.spots.read_dataset` accepts).
+    out
+        Folder for ``predictions_<method>.h5ad``, ``metrics.json`` and ``report.html``.
+    query
+        Query ST data set; ``None`` cross-validates ``reference`` with patient-level folds
+        (section-level when it has one patient; the report says which).
+    encoder, weights
+        Encoder (built-in by default) and where its weights are.
+    store
+        Store to embed into (``OUT/store`` by default); reruns reuse its embeddings.
+    k, n_genes, seed
+        Neighbours of the kNN methods, panel size (most variable reference genes), seed.
+    methods
+        Subset of :data:`METHODS`.
+    aligner
+        :class:`~embedstore.aligner.AlignerConfig` overrides.
+    workers, batch_size
+        Embedding settings.
+    """
+    from embedstore.embed import embed
+    from embedstore.encoders import DEFAULT_ENCODER, create_encoder
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        msg = f"methods {unknown}: unknown; choose from {', '.join(METHODS)}"
+        raise BadInput(msg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Path(store) if store else out / "store"
+    settings = Settings(k, n_genes, seed, aligner=tuple(sorted((aligner or {}).items())), methods=tuple(methods))
+    enc_name = (
+        create_encoder(encoder or DEFAULT_ENCODER, weights=weights).name if weights else (encoder or DEFAULT_ENCODER)
+    )
+
+    cohorts = {"reference": Path(reference)} | ({"query": Path(query)} if query else {})
+    thumbnails: dict[str, Any] = {}
+    for cohort, data in cohorts.items():
+        report = embed(data, store, enc_name, weights=weights, cohort=cohort, workers=workers, batch_size=batch_size)
+        if not report.ok:
+            msg = f"{data}: embedding failed:\n{report.summary()}"
+            raise BadInput(msg.replace("\n", "; "))
+        thumbnails.update(_thumbnails(data))
+
+    from embedstore.reference import load_reference
+
+    ref = load_reference(store, enc_name, cohort="reference")
+    if query:
+        qry = load_reference(store, enc_name, cohort="query")
+        predictions, truth, gene_sets = _run_split(ref, qry, settings)
+        _write_predictions(out, predictions)
+        folds_note = f"reference {reference} ({len(set(ref.column(Col.SLIDE_ID)))} slides) -> query {query}"
+        metrics = _score(predictions, truth, gene_sets)
+        metrics["split"] = {"mode": "reference-query", "reference": str(reference), "query": str(query)}
+        report_inputs = (predictions, truth)
+    else:
+        metrics, report_inputs, folds_note = _cross_validate(ref, settings, out)
+    metrics["settings"] = {**dataclasses.asdict(settings), "encoder": ref.encoder, "methods_described": METHOD_NOTES}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+
+    from embedstore.report import write_report
+
+    notes = [folds_note, *_verdicts(metrics)]
+    report_path = write_report(
+        out, metrics, report_inputs[0], report_inputs[1], thumbnails,
+        title=f"embedstore evaluation: {Path(reference).name}" + (f" -> {Path(query).name}" if query else " (cross-validation)"),
+        notes=notes, max_map_slides=6,
+    )  # fmt: skip
+    return EvalResult(out, metrics, report_path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, tuple | set):
+        return list(o)
+    return str(o)
+
+
+def _thumbnails(data: Path) -> dict[str, Any]:
+    """Thumbnail and its scale (thumbnail px per level-0 px) of each section's image."""
+    from embedstore.slides import open_slide
+    from embedstore.spots import read_dataset
+
+    thumbs = {}
+    for section in read_dataset(data, join=None):
+        info = section.uns[UNS_KEY]
+        if not info.get("image_path"):
+            continue
+        with open_slide(info["image_path"], mpp=info.get("mpp")) as slide:
+            thumb = slide.thumbnail(768)
+            thumbs[info["slide_id"]] = (thumb, thumb.size[0] / slide.dimensions[0])
+    return thumbs
+
+
+def _gene_sets(ref: Any, n_genes: int) -> tuple[Any, dict[str, list[str]]]:
+    """Panel = top-``n_genes`` HVG plus the top-50 mean genes; gene sets chosen on the reference."""
+    from embedstore.expression import select_panel
+
+    hvg_panel = select_panel(ref.counts, ref.genes, "hvg", n_genes)
+    hvg50 = list(select_panel(ref.counts, ref.genes, "hvg", N_SET).genes)
+    mean50 = list(select_panel(ref.counts, ref.genes, "mean", N_SET).genes)
+    genes = list(dict.fromkeys([*hvg_panel.genes, *mean50]))
+    panel = select_panel(ref.counts, ref.genes, genes)
+    return panel, {f"hvg{N_SET}": hvg50, f"mean{N_SET}": mean50, "panel": genes}
+
+
+def _truth(qry: Any, panel: Any) -> Any:
+    """Measured log-normalised expression of the query spots over the panel genes it has."""
+    from embedstore.expression import apply_panel, normalize_log1p
+    from embedstore.predict import prediction_anndata
+
+    present = [g for g in panel.genes if g in set(qry.genes)]
+    values = apply_panel(normalize_log1p(qry.counts), qry.genes, present)
+    return prediction_anndata(values, present, qry.obs.to_pandas())
+
+
+def _run_split(ref: Any, qry: Any, s: Settings) -> tuple[dict[str, Any], Any, dict[str, list[str]]]:
+    """Build every method on ``ref`` and predict ``qry``; returns predictions, truth, gene sets."""
+    from embedstore.expression import apply_panel, normalize_log1p
+    from embedstore.predict import prediction_anndata
+    from embedstore.probe import fit_ridge_probe
+    from embedstore.reference import build_reference_index
+
+    panel, gene_sets = _gene_sets(ref, s.n_genes)
+    expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
+    k = min(s.k, len(ref.embeddings) - 1)
+    obs = qry.obs.to_pandas()
+    values: dict[str, np.ndarray] = {}
+    if "ridge" in s.methods:
+        values["ridge"] = fit_ridge_probe(ref.embeddings, expr, seed=s.seed).predict(qry.embeddings)
+    if "knn-raw" in s.methods:
+        raw = build_reference_index(ref, panel=panel, aligner=None, aggregator="mean", k=k, seed=s.seed)
+        values["knn-raw"] = raw.predict(qry.embeddings, k=k, aggregator="mean")
+    aligned_methods = [m for m in ("bleep", "softmax", "idw", "learned") if m in s.methods]
+    if aligned_methods:
+        idx = build_reference_index(ref, panel=panel, aligner=dict(s.aligner), aggregator="mean", k=k, seed=s.seed)
+        named = {"bleep": "mean", "softmax": _softmax(s.tau), "idw": "idw"}
+        for m in aligned_methods:
+            if m != "learned":
+                values[m] = idx.predict(qry.embeddings, k=k, aggregator=named[m])
+        if "learned" in aligned_methods:
+            group_col = ref.group_column("auto")
+            idx.fit_learned_aggregator(ref.embeddings, k=k, seed=s.seed, group_by=group_col)
+            values["learned"] = idx.predict(qry.embeddings, k=k)
+    predictions = {
+        m: prediction_anndata(v, panel.genes, obs, uns={"method": m, "description": METHOD_NOTES[m], "k": k})
+        for m, v in values.items()
+    }
+    return predictions, _truth(qry, panel), gene_sets
+
+
+def _softmax(tau: float) -> Any:
+    from embedstore.aggregate import create_aggregator
+
+    return create_aggregator("softmax", tau=tau)
+
+
+def _write_predictions(folder: Path, predictions: dict[str, Any]) -> None:
+    from embedstore.predict import write_h5ad
+
+    for method, adata in predictions.items():
+        write_h5ad(adata, folder / f"predictions_{method}.h5ad")
+
+
+def _score(predictions: dict[str, Any], truth: Any, gene_sets: dict[str, list[str]]) -> dict[str, Any]:
+    from embedstore.report import score_predictions
+
+    return score_predictions(predictions, truth, gene_sets)
+
+
+def _cross_validate(ref: Any, s: Settings, out: Path) -> tuple[dict[str, Any], tuple[Any, Any], str]:
+    """Leave-one-group-out over patients (or sections); per-slide scores merged over folds."""
+    import anndata as ad
+
+    group_col = ref.group_column("auto")
+    groups = ref.column(group_col).astype(str)
+    unique = sorted(set(groups))
+    if len(unique) < 2:
+        msg = f"cross-validation needs at least 2 {group_col}s; the data set has {len(unique)}: give a --query data set"
+        raise BadInput(msg)
+    unit = (
+        "patient"
+        if group_col == Col.PATIENT
+        else "section (the data set has one patient, so folds are not independent patients)"
+    )
+    fold_metrics, preds_all, truths = [], {}, []
+    for g in unique:
+        LOG.info("fold %s: held out", g)
+        train, test = ref.subset(groups != g), ref.subset(groups == g)
+        predictions, truth, gene_sets = _run_split(train, test, s)
+        _write_predictions(out / f"fold-{g}", predictions)
+        m = _score(predictions, truth, gene_sets)
+        (out / f"fold-{g}" / "metrics.json").write_text(json.dumps(m, indent=1, default=_json_default))
+        fold_metrics.append(m)
+        truths.append(truth)
+        for method, p in predictions.items():
+            preds_all.setdefault(method, []).append(p)
+    merged = _merge_folds(fold_metrics, unique)
+    merged["split"] = {"mode": "cross-validation", "unit": group_col, "folds": unique}
+    # For the report's maps and distributions: the genes every fold's panel shares.
+    common = sorted(set.intersection(*(set(t.var_names) for t in truths)))
+    truth = ad.concat([t[:, common] for t in truths])
+    preds = {m: ad.concat([p[:, common] for p in ps]) for m, ps in preds_all.items()}
+    note = f"cross-validation, leave one {unit} out: {len(unique)} folds ({', '.join(unique)}); gene sets chosen on each fold's training part"
+    return merged, (preds, truth), note
+
+
+_STATS = ("pearson", "spearman", "mse", "mae")
+
+
+def _merge_folds(fold_metrics: list[dict[str, Any]], folds: list[str]) -> dict[str, Any]:
+    """Pool per-slide scores of every fold: each slide is scored once, by the fold that held it out."""
+    merged: dict[str, Any] = {"methods": {}, "folds": dict(zip(folds, fold_metrics, strict=True))}
+    merged["definition"] = fold_metrics[0].get("definition", "") + (
+        " Cross-validation: each fold's gene sets are chosen on its training slides; per-slide values of all folds "
+        "are pooled and the mean and SD are taken over slides."
+    )
+    for method in fold_metrics[0]["methods"]:
+        sets: dict[str, Any] = {}
+        for gs in fold_metrics[0]["methods"][method]["gene_sets"]:
+            per_slide: dict[str, Any] = {}
+            counts = {"n_undefined": 0, "n_undefined_spearman": 0, "n_missing": 0}
+            missing: set[str] = set()
+            per_gene: dict[str, list[float]] = {}
+            for fm in fold_metrics:
+                entry = fm["methods"][method]["gene_sets"][gs]
+                per_slide.update(entry["per_slide"])
+                for c in counts:
+                    counts[c] += int(entry.get(c) or 0)
+                missing.update(entry.get("missing_genes") or [])
+                for gene, r in (entry.get("per_gene_pearson") or {}).items():
+                    if r is not None:
+                        per_gene.setdefault(gene, []).append(r)
+            summary: dict[str, Any] = {
+                "per_slide": per_slide,
+                **counts,
+                "n_slides": len(per_slide),
+                "n_spots": sum(int(v.get("n_spots") or 0) for v in per_slide.values()),
+                "n_genes": max(int(fm["methods"][method]["gene_sets"][gs].get("n_genes") or 0) for fm in fold_metrics),
+                "missing_genes": sorted(missing),
+                # mean over the folds whose gene set holds the gene
+                "per_gene_pearson": {g: float(np.mean(v)) for g, v in per_gene.items()},
+            }
+            for stat in _STATS:
+                vals = np.array([v[f"{stat}_mean"] for v in per_slide.values() if v.get(f"{stat}_mean") is not None])
+                summary[f"{stat}_mean"] = float(vals.mean()) if len(vals) else None
+                summary[f"{stat}_std_over_slides"] = float(vals.std(ddof=1)) if len(vals) > 1 else None
+                summary[f"{stat}_min_over_slides"] = float(vals.min()) if len(vals) else None
+                summary[f"{stat}_max_over_slides"] = float(vals.max()) if len(vals) else None
+            sets[gs] = summary
+        merged["methods"][method] = {"gene_sets": sets}
+    # Gene sets differ by fold (chosen on each training part); list each fold's, plus the genes all share.
+    merged["fold_gene_sets"] = {f: fm["gene_sets"] for f, fm in zip(folds, fold_metrics, strict=True)}
+    merged["gene_sets"] = {
+        gs: [g for g in fold_metrics[0]["gene_sets"][gs] if all(g in fm["gene_sets"][gs] for fm in fold_metrics)]
+        for gs in fold_metrics[0]["gene_sets"]
+    }
+    return merged
+
+
+def _verdicts(metrics: dict[str, Any]) -> list[str]:
+    """Plain statements of what the numbers say about the issue's two questions."""
+    notes = []
+    methods = metrics["methods"]
+    for gs in next(iter(methods.values()))["gene_sets"]:
+        score = {m: methods[m]["gene_sets"][gs].get("pearson_mean") for m in methods}
+        score = {m: v for m, v in score.items() if v is not None}
+        if not score:
+            continue
+        best = max(score, key=score.get)
+        parts = [f"{gs}: best method {best} (Pearson {score[best]:.3f})"]
+        if "knn-raw" in score:
+            aligned = {m: score[m] for m in ("bleep", "softmax", "idw", "learned") if m in score}
+            beats = [m for m, v in aligned.items() if v > score["knn-raw"]]
+            if aligned:
+                parts.append(
+                    f"aligned methods beating raw kNN ({score['knn-raw']:.3f}): {', '.join(beats) or 'none - the aligner did not help here'}"
+                )
+        if "ridge" in score and best != "ridge":
+            parts.append(
+                f"best vs ridge probe ({score['ridge']:.3f}): {'at least as good' if score[best] >= score['ridge'] else 'worse'}"
+            )
+        elif "ridge" in score:
+            parts.append("the ridge probe is the best method here")
+        notes.append("; ".join(parts))
+    return notes
+
+
+def demo(out: str | Path = "demo-out", data: str | Path | None = None, seed: int = 0) -> EvalResult:
+    """The offline main job: synthetic cohort (or ``data``), embed, align, index, predict, evaluate.
+
+    Parameters
+    ----------
+    out
+        Output folder.
+    data
+        A real ST data set to cross-validate instead of the synthetic cohort.
+    seed
+        Seed of the synthetic cohort and of training.
+    """
+    out = Path(out)
+    synthetic = data is None
+    if synthetic:
+        from embedstore.testing import make_synthetic_cohort
+
+        cohort_dir = out / "synthetic-cohort"
+        if not (cohort_dir / "data").is_dir():
+            make_synthetic_cohort(
+                cohort_dir, n_slides=6, n_patients=3, n_spots=80, n_genes=60, seed=seed, width=3000, height=3000
+            )
+        data = cohort_dir
+    # The synthetic cohort has ~80 spots per slide: fewer neighbours and genes than a real cohort.
+    return evaluate(data, out, seed=seed, k=20 if synthetic else 50, n_genes=60 if synthetic else 250)

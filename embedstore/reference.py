@@ -1,0 +1,245 @@
+"""The reference stage: stored embeddings + measured expression -> aligner, exemplar index, aggregator.
+
+Reads a reference cohort from a store (spot-centred tile embeddings joined to their spots'
+counts), chooses the gene panel on it, trains the aligner with whole slides (or patients)
+held out for validation, builds the FAISS exemplar index and, when asked, trains the
+learned aggregator with retrieval that excludes each spot's own slide. It never touches
+slides or encoders: it reads only what the embedding stage wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embedstore._schema import Col
+from embedstore.errors import BadInput
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["Reference", "build_index", "build_reference_index", "load_reference"]
+
+
+@dataclasses.dataclass
+class Reference:
+    """Spots of a reference cohort with their tile embeddings and raw counts, row-aligned."""
+
+    obs: pa.Table  # cohort, slide_id, spot_id, patient, x, y
+    embeddings: np.ndarray  # (n, D) float32
+    counts: Any  # scipy CSR (n, len(genes)), raw counts
+    genes: list[str]  # measured in every section of the reference
+    encoder: dict[str, Any]  # encoder metadata of the embeddings (name, cfg, fingerprint)
+
+    def column(self, name: str) -> np.ndarray:
+        """One obs column as a NumPy array of str (None stays None)."""
+        return np.asarray(self.obs.column(name).to_pylist(), dtype=object)
+
+    def group_column(self, group_by: str = "auto") -> str:
+        """The leakage-free unit: ``"auto"`` is the patient when known and not unique, else the slide."""
+        if group_by != "auto":
+            return group_by
+        patients = self.column(Col.PATIENT)
+        usable = all(p is not None for p in patients) and len(set(patients)) > 1
+        return Col.PATIENT if usable else Col.SLIDE_ID
+
+    def subset(self, rows: np.ndarray) -> Reference:
+        """The reference restricted to ``rows`` (indices or a boolean mask)."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        return Reference(
+            self.obs.take(pa.array(rows)), self.embeddings[rows], self.counts[rows], self.genes, self.encoder
+        )
+
+
+def load_reference(
+    store: Any,
+    encoder: str,
+    cohort: str | Sequence[str] | None = None,
+    slide_ids: Sequence[str] | None = None,
+    exclude_slides: Sequence[str] = (),
+) -> Reference:
+    """Join a cohort's spot-tile embeddings to its spots' counts.
+
+    Parameters
+    ----------
+    store
+        An open :class:`~embedstore.store.Store` or its path.
+    encoder
+        Encoder whose embeddings to read.
+    cohort, slide_ids
+        Selection; slides without measured spots are an error.
+    exclude_slides
+        Slides to leave out (e.g. a held-out fold).
+
+    Returns
+    -------
+    The :class:`Reference`; genes are those measured in every selected section, so sections
+    with different gene lists never contribute invented zeros.
+    """
+    from scipy import sparse
+
+    from embedstore.store import open_store
+
+    store = open_store(store) if isinstance(store, str | Path) else store
+    spots, _, _ = store.read_expression(cohort=cohort, slide_ids=slide_ids, genes=[])
+    slides = [s for s in dict.fromkeys(spots.column(Col.SLIDE_ID).to_pylist()) if s not in set(exclude_slides)]
+    if not slides:
+        msg = (
+            f"{store.root}: no reference slides with expression left for cohort {cohort}; check --cohort and exclusions"
+        )
+        raise BadInput(msg)
+    meta, emb = store.read_embeddings(encoder, cohort=cohort, slide_ids=slides)
+    genes: list[str] | None = None
+    for s in slides:  # genes measured in every section
+        _, g, _ = store.read_expression(cohort=cohort, slide_ids=[s], genes=None)
+        genes = g if genes is None else [x for x in genes if x in set(g)]
+    obs, genes, counts = store.read_expression(cohort=cohort, slide_ids=slides, genes=genes)
+    key = lambda t: list(zip(t.column(Col.SLIDE_ID).to_pylist(), t.column(Col.SPOT_ID).to_pylist(), strict=True))  # noqa: E731
+    where = {k: i for i, k in enumerate(key(obs))}
+    pairs = [(i, where.get(k)) for i, k in enumerate(key(meta)) if k[1] is not None]
+    pairs = [(e, s) for e, s in pairs if s is not None]
+    if not pairs:
+        msg = f"{store.root}: no embedded tile matches a measured spot of cohort {cohort}; embed the ST data set itself (spot-centred tiles)"
+        raise BadInput(msg)
+    e_rows = np.array([e for e, _ in pairs])
+    s_rows = np.array([s for _, s in pairs])
+    dropped = obs.num_rows - len(s_rows)
+    if dropped:
+        LOG.warning("reference: %d measured spots have no embedded tile and are left out", dropped)
+    cols = [Col.COHORT, Col.SLIDE_ID, Col.SPOT_ID, Col.PATIENT, Col.X, Col.Y]
+    joined = obs.take(pa.array(s_rows)).select(cols)
+    return Reference(
+        joined,
+        emb[e_rows],
+        sparse.csr_matrix(counts)[s_rows],
+        list(genes),
+        store.encoder_metadata(encoder),
+    )
+
+
+def build_reference_index(
+    ref: Reference,
+    *,
+    panel: Any = None,
+    panel_method: str | Sequence[str] = "hvg",
+    n_genes: int = 250,
+    aligner: dict[str, Any] | None = None,
+    keys: str = "expression",
+    factory: str = "auto",
+    nprobe: int | None = None,
+    aggregator: str = "mean",
+    aggregator_params: dict[str, Any] | None = None,
+    k: int = 50,
+    group_by: str = "auto",
+    seed: int = 0,
+) -> Any:
+    """Panel, aligner, FAISS index and (optionally learned) aggregator from a reference.
+
+    Parameters
+    ----------
+    ref
+        From :func:`load_reference`.
+    panel
+        A ready :class:`~embedstore.expression.Panel`; otherwise chosen on ``ref`` with
+        ``panel_method`` and ``n_genes``.
+    aligner
+        :class:`~embedstore.aligner.AlignerConfig` fields; ``None`` skips the aligner and
+        indexes raw image embeddings ("kNN on raw embeddings").
+    keys
+        ``"expression"`` (BLEEP) or ``"image"`` (EGN) exemplar keys.
+    factory, nprobe
+        FAISS factory string (``"auto"`` picks by size) and IVF probes.
+    aggregator, aggregator_params, k
+        Default aggregator of the index; ``"learned"`` trains it here.
+    group_by
+        ``"auto"`` (patient when known, else slide), ``"slide_id"`` or ``"patient"``: the
+        unit held out for aligner validation and excluded from a spot's own retrieval.
+    seed
+        Seeds the aligner and the learned aggregator.
+
+    Returns
+    -------
+    An :class:`~embedstore.index.ExemplarIndex` with ``manifest['k']`` set.
+    """
+    from embedstore import aligner as aligner_mod
+    from embedstore.expression import apply_panel, normalize_log1p, select_panel
+    from embedstore.index import build_exemplar_index
+
+    panel = panel or select_panel(ref.counts, ref.genes, method=panel_method, n=n_genes)
+    expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
+    group_col = ref.group_column(group_by)
+    groups = ref.column(group_col).astype(str)
+    model = None
+    if aligner is not None:
+        cfg = aligner_mod.AlignerConfig.from_dict(
+            {
+                **aligner,
+                "encoder_name": ref.encoder.get("name", ""),
+                "encoder_fingerprint": ref.encoder.get("fingerprint", ""),
+                "genes": list(panel.genes),
+                "panel_method": panel.method,
+            },
+            where="aligner settings",
+        )
+        model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
+    else:
+        keys = "image"
+    learned = aggregator == "learned"
+    idx = build_exemplar_index(
+        ref.embeddings, expr, panel,
+        ref.column(Col.SLIDE_ID), ref.column(Col.SPOT_ID), ref.column(Col.PATIENT),
+        aligner=model, keys=keys, factory=None if factory == "auto" else factory,
+        encoder=ref.encoder, aggregator="mean" if learned else aggregator_with(aggregator, aggregator_params),
+        nprobe=nprobe, seed=seed,
+    )  # fmt: skip
+    if learned:
+        idx.fit_learned_aggregator(ref.embeddings, k=k, seed=seed, group_by=group_col)
+    idx.manifest["k"] = int(k)
+    idx.manifest["group_by"] = group_col
+    return idx
+
+
+def aggregator_with(name: str, params: dict[str, Any] | None) -> Any:
+    """A registered aggregator by name with its parameters (``"mean"``, ``"softmax"``, ``"idw"``)."""
+    from embedstore.aggregate import create_aggregator
+
+    return create_aggregator(name, **(params or {}))
+
+
+def build_index(recipe: str | Path | Any, store: str | Path, out: str | Path, overwrite: bool = True) -> Path:
+    """Index stage: rebuild an exemplar index from a recipe (``indexes/*.toml``) and a store.
+
+    Parameters
+    ----------
+    recipe
+        Recipe name, ``.toml`` path, or a :class:`~embedstore.recipes.Recipe`.
+    store
+        Store holding the reference cohort's embeddings and expression.
+    out
+        Index folder to write (atomically).
+    overwrite
+        Replace an existing folder.
+    """
+    from embedstore.index import save_index
+    from embedstore.recipes import Recipe, load_recipe
+
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    ref = load_reference(
+        store, r.encoder, cohort=r.cohort, slide_ids=list(r.slides) or None, exclude_slides=r.exclude_slides
+    )
+    LOG.info(
+        "recipe %s: %d reference spots from %d slides", r.name, len(ref.embeddings), len(set(ref.column(Col.SLIDE_ID)))
+    )
+    panel_method: str | Sequence[str] = list(r.panel.genes) if r.panel.method == "list" else r.panel.method
+    idx = build_reference_index(
+        ref, panel_method=panel_method, n_genes=r.panel.n_genes, aligner=r.aligner, keys=r.index.keys,
+        factory=r.index.factory, nprobe=r.index.nprobe, aggregator=r.aggregator.name,
+        aggregator_params=r.aggregator.params, k=r.aggregator.k, group_by=r.group_by, seed=r.seed,
+    )  # fmt: skip
+    idx.manifest["recipe"] = r.to_dict()
+    return save_index(idx, out, overwrite=overwrite)
