@@ -1,5 +1,45 @@
-"""embedstore: predict spatial gene expression from H&E through an embedding store."""
+"""embedstore: predict spatial gene expression from H&E through an embedding store.
+
+The public API, re-exported lazily so that ``import embedstore`` stays cheap and offline
+(torch, faiss, openslide and anndata load only when a function that needs them is used).
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "open_slide": "embedstore.slides",
+    "tile": "embedstore.tiling",
+    "embed": "embedstore.embedding",
+    "sql": "embedstore.store",
+    "open_store": "embedstore.store",
+    "train_aligner": "embedstore.reference",
+    "build_index": "embedstore.reference",
+    "load_index": "embedstore.index",
+    "predict": "embedstore.prediction",
+    "evaluate": "embedstore.evaluation",
+    "create_encoder": "embedstore.encoders",
+    "list_encoders": "embedstore.encoders",
+    "register_encoder": "embedstore.encoders",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        msg = f"module 'embedstore' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -92,7 +92,7 @@ def embed(
     workers: Annotated[int, typer.Option(help="Worker processes reading tiles.")] = 2,
 ) -> None:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store (resumable)."""
-    from embedstore.embed import embed as run_embed
+    from embedstore.embedding import embed as run_embed
 
     report = run_embed(
         data, store, encoder, weights=weights, cohort=cohort, mpp=mpp, mpp_csv=mpp_csv,
@@ -158,7 +158,7 @@ def predict(
     plot: Annotated[bool, typer.Option(help="Also write maps of the top predicted genes (PNG).")] = False,
 ) -> None:
     """Predict expression for stored tiles and write AnnData (scanpy/squidpy ready)."""
-    from embedstore.predict import predict as run_predict
+    from embedstore.prediction import predict as run_predict
 
     adata = run_predict(index, store, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator, out=out, plot=plot)
     typer.echo(f"{adata.n_obs} tiles x {adata.n_vars} genes -> {out}")
@@ -179,7 +179,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Compare every method on the same embeddings, genes and leakage-free splits."""
-    from embedstore.evaluate import evaluate as run_evaluate
+    from embedstore.evaluation import evaluate as run_evaluate
 
     result = run_evaluate(
         reference, out, query=query, encoder=encoder, weights=weights, store=store, k=k, n_genes=n_genes, seed=seed
@@ -197,7 +197,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole pipeline offline: synthetic cohort (or --data), embed, align, index, predict, evaluate."""
-    from embedstore.evaluate import demo as run_demo
+    from embedstore.evaluation import demo as run_demo
 
     result = run_demo(out, data=data, seed=seed)
     typer.echo(result.table())

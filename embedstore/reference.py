@@ -23,7 +23,7 @@ from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Reference", "build_index", "build_reference_index", "load_reference"]
+__all__ = ["Reference", "build_index", "build_reference_index", "load_reference", "train_aligner"]
 
 
 @dataclasses.dataclass
@@ -243,3 +243,53 @@ def build_index(recipe: str | Path | Any, store: str | Path, out: str | Path, ov
     )  # fmt: skip
     idx.manifest["recipe"] = r.to_dict()
     return save_index(idx, out, overwrite=overwrite)
+
+
+def train_aligner(
+    store: str | Path,
+    encoder: str,
+    out: str | Path,
+    *,
+    cohort: str | None = None,
+    panel_method: str | Sequence[str] = "hvg",
+    n_genes: int = 250,
+    group_by: str = "auto",
+    seed: int = 0,
+    **settings: Any,
+) -> Path:
+    """Aligner stage alone: train on a store's reference spots and save ``config.json`` + safetensors.
+
+    Parameters
+    ----------
+    store, encoder, cohort
+        Where the reference embeddings and expression are.
+    out
+        Folder to write the aligner to.
+    panel_method, n_genes
+        Gene panel, chosen on this reference.
+    group_by
+        Unit held out for validation (see :func:`build_reference_index`).
+    seed
+        Training seed.
+    **settings
+        :class:`~embedstore.aligner.AlignerConfig` fields (``proj_dim``, ``max_epochs``, ...).
+    """
+    from embedstore import aligner as aligner_mod
+    from embedstore.expression import apply_panel, normalize_log1p, select_panel
+
+    ref = load_reference(store, encoder, cohort=cohort)
+    panel = select_panel(ref.counts, ref.genes, method=panel_method, n=n_genes)
+    expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
+    cfg = aligner_mod.AlignerConfig.from_dict(
+        {
+            **settings,
+            "encoder_name": ref.encoder.get("name", ""),
+            "encoder_fingerprint": ref.encoder.get("fingerprint", ""),
+            "genes": list(panel.genes),
+            "panel_method": panel.method,
+        },
+        where="aligner settings",
+    )
+    groups = ref.column(ref.group_column(group_by)).astype(str)
+    model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
+    return aligner_mod.save_aligner(model, out)

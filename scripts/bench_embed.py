@@ -3,7 +3,7 @@
 A synthetic pyramidal TIFF (0.25 µm/px, so 0.5 µm/px tiles are read from level 0 and
 resized as on a 40x scan) is tiled on its tissue grid. Two measurements alternate (A/B/A/B):
 
-- A, pipeline: ``embedstore.embed.iterate_batches`` (DataLoader workers read, resize and
+- A, pipeline: ``embedstore.embedding.iterate_batches`` (DataLoader workers read, resize and
   normalise tiles) feeding ``encoder.forward``, steady state (timed from the first batch on);
 - B, bare: ``encoder.forward`` on the same number of ready, preprocessed tensors.
 
@@ -48,7 +48,7 @@ def _vit_small(folder: Path):
 
 def _pipeline(reader, rows, enc, batch_size, workers):
     """Steady-state pipeline time for ``rows``: returns (seconds, tiles, seconds inside forward)."""
-    from embedstore.embed import iterate_batches
+    from embedstore.embedding import iterate_batches
 
     batches = iterate_batches(reader, rows, enc.transform(), batch_size, workers)
     _first_rows, first = next(batches)

@@ -11,6 +11,6 @@ Layout of a store folder::
 
 from __future__ import annotations
 
-from embedstore.store._store import SlideWriter, Store, check_writable, open_store
+from embedstore.store._store import SlideWriter, Store, check_writable, open_store, sql
 
-__all__ = ["SlideWriter", "Store", "check_writable", "open_store"]
+__all__ = ["SlideWriter", "Store", "check_writable", "open_store", "sql"]

@@ -486,3 +486,12 @@ def open_store(path: str | Path, read_only: bool = True) -> Store:
     else:
         check_writable(root)
     return Store(root.resolve(), read_only=read_only)
+
+
+def sql(store: str | Path, query: str, params: Any = None, output: str = "pandas") -> Any:
+    """Run read-only SQL on a store: ``open_store(store).sql(query, params, output)``.
+
+    Views: ``embeddings`` (and ``embeddings_<encoder>``), ``slides``, ``encoders``, ``spots``,
+    ``expression``; macro ``cosine(a, b)``.
+    """
+    return open_store(store).sql(query, params=params, output=output)

@@ -105,7 +105,7 @@ def evaluate(
     workers, batch_size
         Embedding settings.
     """
-    from embedstore.embed import embed
+    from embedstore.embedding import embed
     from embedstore.encoders import DEFAULT_ENCODER, create_encoder
 
     unknown = sorted(set(methods) - set(METHODS))
@@ -195,7 +195,7 @@ def _gene_sets(ref: Any, n_genes: int) -> tuple[Any, dict[str, list[str]]]:
 def _truth(qry: Any, panel: Any) -> Any:
     """Measured log-normalised expression of the query spots over the panel genes it has."""
     from embedstore.expression import apply_panel, normalize_log1p
-    from embedstore.predict import prediction_anndata
+    from embedstore.prediction import prediction_anndata
 
     present = [g for g in panel.genes if g in set(qry.genes)]
     values = apply_panel(normalize_log1p(qry.counts), qry.genes, present)
@@ -205,7 +205,7 @@ def _truth(qry: Any, panel: Any) -> Any:
 def _run_split(ref: Any, qry: Any, s: Settings) -> tuple[dict[str, Any], Any, dict[str, list[str]]]:
     """Build every method on ``ref`` and predict ``qry``; returns predictions, truth, gene sets."""
     from embedstore.expression import apply_panel, normalize_log1p
-    from embedstore.predict import prediction_anndata
+    from embedstore.prediction import prediction_anndata
     from embedstore.probe import fit_ridge_probe
     from embedstore.reference import build_reference_index
 
@@ -244,7 +244,7 @@ def _softmax(tau: float) -> Any:
 
 
 def _write_predictions(folder: Path, predictions: dict[str, Any]) -> None:
-    from embedstore.predict import write_h5ad
+    from embedstore.prediction import write_h5ad
 
     for method, adata in predictions.items():
         write_h5ad(adata, folder / f"predictions_{method}.h5ad")

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedstore.embed import embed
+from embedstore.embedding import embed
 from embedstore.store import open_store
 from embedstore.testing import write_synthetic_slide
 

@@ -1,0 +1,94 @@
+"""One-way data flow: each module imports only modules listed before it (AST check, no imports run)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "embedstore"
+
+# Top-level modules in data-flow order; a module may import only those before it (and itself).
+ORDER = [
+    "errors",
+    "_optional", "_registry", "_schema", "metrics", "probe",
+    "recipes",
+    "slides", "spots", "expression",
+    "tiling",
+    "encoders",
+    "store",
+    "embedding",
+    "_knn", "aggregate", "aligner",
+    "index",
+    "reference",
+    "_report_plots", "report",
+    "prediction",
+    "testing",
+    "evaluation",
+    "cli",
+    "__main__", "__init__",
+]  # fmt: skip
+
+# Format modules never pull in compute libraries (STYLE rule 5).
+FORBIDDEN = {
+    "store": {"torch", "faiss", "anndata", "timm", "open_clip"},
+    "spots": {"torch", "faiss", "timm", "open_clip"},
+    "slides": {"torch", "faiss", "anndata"},
+    "tiling": {"torch", "faiss", "anndata"},
+    "expression": {"torch", "faiss"},
+    "report": {"torch", "faiss"},
+}
+
+
+def _top(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(embedstore modules, third-party top-level packages) imported anywhere in the file."""
+    ours, theirs = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.level:  # relative import inside a subpackage stays inside it
+                continue
+            if node.module == "embedstore":
+                ours.update(a.name for a in node.names if not a.name.startswith("__"))
+            elif node.module.startswith("embedstore."):
+                ours.add(node.module.split(".")[1])
+            else:
+                theirs.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("embedstore."):
+                    ours.add(a.name.split(".")[1])
+                else:
+                    theirs.add(a.name.split(".")[0])
+    return ours, theirs
+
+
+def test_every_module_is_placed():
+    tops = {_top(p) for p in PACKAGE.rglob("*.py")}
+    assert tops <= set(ORDER), f"add {sorted(tops - set(ORDER))} to ORDER in {__file__}"
+
+
+def test_imports_flow_one_way():
+    rank = {m: i for i, m in enumerate(ORDER)}
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        me = _top(path)
+        ours, _ = _imports(path)
+        for dep in ours:
+            if dep != me and rank.get(dep, -1) >= rank[me]:
+                bad.append(f"{path.relative_to(PACKAGE)} imports {dep}")
+    assert not bad, "imports against the data flow:\n" + "\n".join(sorted(bad))
+
+
+def test_format_modules_stay_light():
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        me = _top(path)
+        _, theirs = _imports(path)
+        hit = theirs & FORBIDDEN.get(me, set())
+        if hit:
+            bad.append(f"{path.relative_to(PACKAGE)} imports {sorted(hit)}")
+    assert not bad, "\n".join(bad)
