@@ -48,8 +48,9 @@ def prediction_anndata(values: np.ndarray, genes: Sequence[str], obs: Any, uns: 
     df = df.reset_index(drop=True)
     key = df[Col.TILE_ID] if Col.TILE_ID in df else df[Col.SPOT_ID]
     df.index = (df[Col.SLIDE_ID].astype(str) + ":" + key.astype(str)).to_numpy()
-    for c in (Col.COHORT, Col.SLIDE_ID, Col.TILE_ID, Col.SPOT_ID):
-        if c in df:  # h5ad string columns cannot hold None: a tile without a spot gets ""
+    for c in df.columns:
+        if df[c].dtype == object or isinstance(df[c].dtype, pd.StringDtype):
+            # h5ad string columns cannot hold None: a tile without a spot (or patient) gets ""
             df[c] = df[c].fillna("").astype(str)
     adata = ad.AnnData(
         X=np.asarray(values, dtype=np.float32),

@@ -279,7 +279,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     table = metrics_table(metrics)
     sets = list(metrics["gene_sets"])
     first = next(iter(metrics["methods"].values()))["gene_sets"]
-    head = ["method"] + [f"{gs} ({len(metrics['gene_sets'][gs])} genes)" for gs in sets]
+    # genes scored per slide (in cross-validation each fold chooses its own set of this size)
+    head = ["method"] + [f"{gs} ({first[gs].get('n_genes', len(metrics['gene_sets'][gs]))} genes)" for gs in sets]
     body = []
     for method in table.index:
         cells = [str(method)]

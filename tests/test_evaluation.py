@@ -1,0 +1,100 @@
+"""evaluate(): every method's predictions on disk, and metrics.json equal to an independent computation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import pearsonr
+
+from embedstore.evaluation import METHODS, evaluate
+from embedstore.testing import make_synthetic_cohort
+
+
+def _split_cohort(root, query_patients, dest):
+    """Two her2st-layout folders from one cohort: sections of ``query_patients`` go to the query."""
+    ref, qry = dest / "reference", dest / "query"
+    for part in (ref, qry):
+        for sub in ("ST-cnts", "ST-spotfiles", "ST-imgs"):
+            (part / "data" / sub).mkdir(parents=True)
+    for patient_dir in (root / "data" / "ST-imgs").iterdir():
+        target = qry if patient_dir.name in query_patients else ref
+        shutil.copytree(patient_dir, target / "data" / "ST-imgs" / patient_dir.name)
+        for section in (p.name for p in patient_dir.iterdir()):
+            shutil.copy(root / "data" / "ST-cnts" / f"{section}.tsv.gz", target / "data" / "ST-cnts")
+            shutil.copy(root / "data" / "ST-spotfiles" / f"{section}_selection.tsv", target / "data" / "ST-spotfiles")
+    return ref, qry
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval")
+    cohort = make_synthetic_cohort(
+        base / "cohort", n_slides=4, n_patients=2, n_genes=40, seed=5, width=2400, height=2400
+    )
+    ref, qry = _split_cohort(cohort.root, {"B"}, base)
+    result = evaluate(
+        ref, base / "out", query=qry, k=10, n_genes=30, aligner={"max_epochs": 30, "proj_dim": 64}, workers=0
+    )
+    return result, qry
+
+
+def test_every_method_writes_predictions_for_every_query_spot(evaluated):
+    result, qry = evaluated
+    spots = set()
+    for p in (qry / "data" / "ST-spotfiles").iterdir():
+        table = pd.read_csv(p, sep="\t")
+        spots |= {(p.name.split("_")[0], f"{x}x{y}") for x, y in zip(table.x, table.y, strict=True)}
+    for method in METHODS:
+        adata = ad.read_h5ad(result.out / f"predictions_{method}.h5ad")
+        assert set(zip(adata.obs.slide_id, adata.obs.spot_id, strict=True)) == spots
+        assert np.isfinite(adata.X).all()
+        np.testing.assert_array_equal(adata.obsm["spatial"], adata.obs[["x", "y"]].to_numpy(dtype=float))
+    assert (result.out / "report.html").is_file()
+
+
+def _independent_truth(qry, slide):
+    counts = pd.read_csv(qry / "data" / "ST-cnts" / f"{slide}.tsv.gz", sep="\t", index_col=0)
+    norm = np.log1p(counts.to_numpy(float) / counts.to_numpy(float).sum(axis=1, keepdims=True) * 1e4)
+    return pd.DataFrame(norm, index=counts.index.astype(str), columns=counts.columns)
+
+
+def test_metrics_json_agrees_with_scipy_from_the_files(evaluated):
+    result, qry = evaluated
+    metrics = json.loads((result.out / "metrics.json").read_text())
+    for method in METHODS:
+        adata = ad.read_h5ad(result.out / f"predictions_{method}.h5ad")
+        for gene_set, genes in metrics["gene_sets"].items():
+            per_slide = []
+            for slide in sorted(set(adata.obs.slide_id)):
+                sub = adata[adata.obs.slide_id == slide]
+                truth = _independent_truth(qry, slide).loc[sub.obs.spot_id.astype(str), genes]
+                pred = sub[:, genes].X
+                rs = [pearsonr(pred[:, j], truth.iloc[:, j].to_numpy())[0] for j in range(len(genes))]
+                per_slide.append(np.nanmean(rs))
+            want = metrics["methods"][method]["gene_sets"][gene_set]["pearson_mean"]
+            assert want == pytest.approx(float(np.mean(per_slide)), abs=1e-5), (method, gene_set)
+
+
+def test_image_signal_is_recovered(evaluated):
+    result, _ = evaluated
+    scores = {m: result.metrics["methods"][m]["gene_sets"]["hvg50"]["pearson_mean"] for m in METHODS}
+    assert max(scores.values()) > 0.4, scores
+    assert "best method" in result.table() or "*" in result.table()
+
+
+def test_cross_validation_holds_out_each_patient(tmp_path):
+    cohort = make_synthetic_cohort(
+        tmp_path / "cv", n_slides=3, n_patients=3, n_genes=30, seed=2, width=2000, height=2000
+    )
+    result = evaluate(cohort.root, tmp_path / "out", methods=("ridge", "knn-raw"), k=5, n_genes=20, workers=0)
+    assert result.metrics["split"] == {"mode": "cross-validation", "unit": "patient", "folds": ["A", "B", "C"]}
+    for fold in "ABC":
+        fold_pred = ad.read_h5ad(tmp_path / "out" / f"fold-{fold}" / "predictions_ridge.h5ad")
+        assert set(fold_pred.obs.slide_id) == {f"{fold}1"}
+    per_slide = result.metrics["methods"]["ridge"]["gene_sets"]["hvg50"]["per_slide"]
+    assert sorted(per_slide) == ["A1", "B1", "C1"]
