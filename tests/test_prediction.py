@@ -58,12 +58,15 @@ def test_reference_joins_every_spot(store, synthetic_cohort):
 def test_prediction_follows_the_anndata_contract(index_dir, store):
     adata = predict(index_dir, store, slide_ids=["A1"])
     idx = load_index(index_dir)
-    assert adata.n_vars == 20 and list(adata.var_names) == idx.genes
+    assert adata.n_vars == 20
+    assert list(adata.var_names) == idx.genes
     assert set(adata.obs.slide_id) == {"A1"}
     assert {"tile_id", "spot_id", "x", "y", "cohort"} <= set(adata.obs.columns)
     np.testing.assert_array_equal(adata.obsm["spatial"], adata.obs[["x", "y"]].to_numpy(dtype=float))
-    assert adata.X.dtype == np.float32 and np.isfinite(adata.X).all()
-    assert idx.manifest["k"] == 8 and idx.manifest["aggregator"]["name"] == "softmax"
+    assert adata.X.dtype == np.float32
+    assert np.isfinite(adata.X).all()
+    assert idx.manifest["k"] == 8
+    assert idx.manifest["aggregator"]["name"] == "softmax"
 
 
 def test_saved_index_predicts_identically(store, recipe_file, tmp_path):
@@ -116,4 +119,5 @@ def test_recipe_unknown_key_lists_valid_ones(tmp_path):
 def test_shipped_recipes_parse():
     for name in ("her2st-builtin", "synthetic-demo"):
         recipe = load_recipe(name)
-        assert recipe.encoder == "builtin" and recipe.aggregator.k > 0
+        assert recipe.encoder == "builtin"
+        assert recipe.aggregator.k > 0
