@@ -1,0 +1,433 @@
+"""Aggregators: the k retrieved exemplars' expression -> one predicted profile.
+
+Every aggregator works on arrays: ``sims`` (N, k) cosine similarities of the query to its k
+neighbours, and ``neighbour_expr`` (N, k, G) their log-normalised expression. The learned
+one also reads the query's key (N, d) and the neighbours' keys (N, k, d). They never
+search; ``predict.py``/``index.py`` retrieve and pass the arrays in.
+
+Registered names (``AGGREGATORS``, :func:`create_aggregator`):
+
+- ``mean``: plain mean of the top k (BLEEP).
+- ``softmax``: weights ``softmax(sims / tau)`` (Loki-like similarity weighting).
+- ``idw``: inverse-distance weights ``1 / (1 - sims + eps)`` (mclSTExp).
+- ``learned``: EGN-style exemplar attention, trained with :func:`fit_learned_aggregator`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedstore._optional import import_optional
+from embedstore._registry import Registry
+from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION
+from embedstore.errors import BadInput
+
+LOG = logging.getLogger(__name__)
+
+AGGREGATORS = Registry("aggregator")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+KIND = "aggregator.learned"
+
+
+def _check(sims: np.ndarray, neighbour_expr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sims = np.asarray(sims, dtype=np.float64)
+    neighbour_expr = np.asarray(neighbour_expr, dtype=np.float32)
+    if sims.ndim != 2 or neighbour_expr.ndim != 3 or neighbour_expr.shape[:2] != sims.shape:
+        msg = f"aggregator: sims {sims.shape} and neighbour_expr {neighbour_expr.shape} must be (N, k) and (N, k, G)"
+        raise BadInput(msg)
+    if not np.isfinite(sims).all():
+        msg = "aggregator: sims has NaN/inf (a neighbour was missing); search with a larger nprobe/efSearch or a smaller k"
+        raise BadInput(msg)
+    return sims, neighbour_expr
+
+
+def _weighted(w: np.ndarray, neighbour_expr: np.ndarray) -> np.ndarray:
+    w = w / w.sum(axis=1, keepdims=True)
+    return np.einsum("nk,nkg->ng", w.astype(np.float32), neighbour_expr)
+
+
+def mean(sims: np.ndarray, neighbour_expr: np.ndarray) -> np.ndarray:
+    """Unweighted mean of the k neighbours' expression, (N, G) float32 (BLEEP)."""
+    sims, neighbour_expr = _check(sims, neighbour_expr)
+    return neighbour_expr.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def softmax(sims: np.ndarray, neighbour_expr: np.ndarray, tau: float = 0.1) -> np.ndarray:
+    """Similarity-softmax weighted mean: ``w_j ∝ exp(s_j / tau)``, (N, G) float32.
+
+    Parameters
+    ----------
+    sims, neighbour_expr
+        (N, k) similarities and (N, k, G) expression of the neighbours.
+    tau
+        Temperature; small values approach the top-1 neighbour, large ones the mean.
+    """
+    if tau <= 0:
+        msg = f"softmax aggregator: tau={tau} must be positive"
+        raise BadInput(msg)
+    sims, neighbour_expr = _check(sims, neighbour_expr)
+    z = sims / tau
+    return _weighted(np.exp(z - z.max(axis=1, keepdims=True)), neighbour_expr)
+
+
+def idw(sims: np.ndarray, neighbour_expr: np.ndarray, eps: float = 1e-3) -> np.ndarray:
+    """Inverse-distance weighted mean: distance ``d_j = 1 - s_j`` (cosine), ``w_j ∝ 1/(d_j + eps)``.
+
+    Parameters
+    ----------
+    sims, neighbour_expr
+        (N, k) cosine similarities and (N, k, G) expression of the neighbours.
+    eps
+        Keeps an exact duplicate (d = 0) from taking all the weight by division by zero.
+    """
+    if eps <= 0:
+        msg = f"idw aggregator: eps={eps} must be positive"
+        raise BadInput(msg)
+    sims, neighbour_expr = _check(sims, neighbour_expr)
+    d = np.clip(1.0 - sims, 0.0, None)  # rounding can push cos sim a hair above 1
+    return _weighted(1.0 / (d + eps), neighbour_expr)
+
+
+class Aggregator:
+    """A named aggregator with fixed parameters; call it on (sims, neighbour_expr).
+
+    Attributes
+    ----------
+    name, params
+        Registry name and keyword parameters (go into an index manifest).
+    needs_keys
+        True when ``__call__`` also needs ``query_keys`` and ``neighbour_keys``.
+    """
+
+    needs_keys = False
+
+    def __init__(self, name: str, fn: Any, **params: Any) -> None:
+        self.name, self.fn, self.params = name, fn, params
+
+    def __call__(
+        self,
+        sims: np.ndarray,
+        neighbour_expr: np.ndarray,
+        query_keys: np.ndarray | None = None,
+        neighbour_keys: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Predicted expression (N, G) float32."""
+        return self.fn(sims, neighbour_expr, **self.params)
+
+    def __repr__(self) -> str:
+        return f"Aggregator({self.name!r}, {self.params})"
+
+
+@AGGREGATORS.register("mean", params="", source="BLEEP")
+def _mean() -> Aggregator:
+    return Aggregator("mean", mean)
+
+
+@AGGREGATORS.register("softmax", params="tau=0.1", source="Loki-like")
+def _softmax(tau: float = 0.1) -> Aggregator:
+    return Aggregator("softmax", softmax, tau=float(tau))
+
+
+@AGGREGATORS.register("idw", params="eps=1e-3", source="mclSTExp")
+def _idw(eps: float = 1e-3) -> Aggregator:
+    return Aggregator("idw", idw, eps=float(eps))
+
+
+@AGGREGATORS.register("learned", params="path", source="EGN-style exemplar attention")
+def _learned(path: str | Path) -> LearnedAggregator:
+    return load_learned_aggregator(path)
+
+
+def create_aggregator(name: str, **params: Any) -> Aggregator:
+    """Build the aggregator registered as ``name`` (``mean``, ``softmax``, ``idw``, ``learned``)."""
+    return AGGREGATORS.create(name, **params)
+
+
+def list_aggregators():  # -> pandas.DataFrame
+    """Registered aggregators and their metadata, one row each."""
+    return AGGREGATORS.to_dataframe()
+
+
+# ---------------------------------------------------------------- learned (EGN-style)
+
+
+@dataclass(frozen=True)
+class LearnedAggregatorConfig:
+    """Architecture and training settings of the exemplar-attention aggregator.
+
+    ``key_dim`` and ``n_genes`` of 0 are filled from the arrays given to the fit.
+    """
+
+    key_dim: int = 0
+    n_genes: int = 0
+    hidden: int = 128
+    residual: bool = True  # add a correction MLP on top of the attention-weighted mean
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    max_epochs: int = 50
+    patience: int = 5
+    val_fraction: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "aggregator config") -> LearnedAggregatorConfig:
+        """Build from a dict; unknown keys are an error listing the valid ones."""
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            msg = f"{where}: unknown keys {unknown}; valid keys: {', '.join(sorted(valid))}"
+            raise BadInput(msg)
+        return cls(**d)
+
+
+@cache
+def _attention_module() -> type:
+    torch = import_optional("torch", "the learned aggregator")
+    nn = torch.nn
+
+    class ExemplarAttention(nn.Module):
+        """Attention of the query over its k exemplars (EGN's exemplar learning, simplified).
+
+        score_j = <Wq q, Wk key_j + We expr_j> / sqrt(h) + a * sim_j ; the prediction is the
+        softmax(score)-weighted mean of the exemplars' expression, plus an optional
+        correction MLP (initialised to 0, so training starts from similarity weighting).
+        """
+
+        def __init__(self, cfg: LearnedAggregatorConfig) -> None:
+            super().__init__()
+            h = cfg.hidden
+            self.q = nn.Linear(cfg.key_dim, h)
+            self.k = nn.Linear(cfg.key_dim, h)
+            self.e = nn.Linear(cfg.n_genes, h)
+            self.sim_scale = nn.Parameter(torch.tensor(10.0))
+            self.drop = nn.Dropout(cfg.dropout)
+            self.register_buffer("expr_mean", torch.zeros(cfg.n_genes))
+            self.register_buffer("expr_std", torch.ones(cfg.n_genes))
+            self.residual = cfg.residual
+            if cfg.residual:
+                self.res = nn.Sequential(nn.Linear(cfg.key_dim + cfg.n_genes, h), nn.GELU(), nn.Linear(h, cfg.n_genes))
+                nn.init.zeros_(self.res[2].weight)
+                nn.init.zeros_(self.res[2].bias)
+            self.scale = 1 / math.sqrt(h)
+
+        def forward(self, q, keys, expr, sims):
+            z = (expr - self.expr_mean) / self.expr_std
+            kk = self.drop(self.k(keys) + self.e(z))  # (B, k, h)
+            logits = torch.einsum("bh,bkh->bk", self.q(q), kk) * self.scale + self.sim_scale * sims
+            w = torch.softmax(logits, dim=-1)
+            pred = torch.einsum("bk,bkg->bg", w, expr)
+            if self.residual:
+                pred = pred + self.res(torch.cat([q, (pred - self.expr_mean) / self.expr_std], dim=-1))
+            return pred
+
+    ExemplarAttention.__qualname__ = "ExemplarAttention"
+    return ExemplarAttention
+
+
+class LearnedAggregator(Aggregator):
+    """EGN-style exemplar-attention aggregator (a trained torch module).
+
+    Call it with ``query_keys`` (N, d) and ``neighbour_keys`` (N, k, d) besides the sims and
+    neighbour expression. Save with :meth:`save`, load with :func:`load_learned_aggregator`.
+    """
+
+    needs_keys = True
+
+    def __init__(self, config: LearnedAggregatorConfig, model: Any, history: list[dict[str, float]] | None = None):
+        super().__init__("learned", None)
+        self.config, self.model, self.history = config, model.eval(), history or []
+
+    def __call__(
+        self,
+        sims: np.ndarray,
+        neighbour_expr: np.ndarray,
+        query_keys: np.ndarray | None = None,
+        neighbour_keys: np.ndarray | None = None,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
+        """Predicted expression (N, G) float32."""
+        torch = import_optional("torch", "the learned aggregator")
+        sims, neighbour_expr = _check(sims, neighbour_expr)
+        if query_keys is None or neighbour_keys is None:
+            msg = "learned aggregator: needs query_keys (N, d) and neighbour_keys (N, k, d); pass them from the index search"
+            raise BadInput(msg)
+        q, nk = _check_keys(query_keys, neighbour_keys, sims.shape, self.config.key_dim)
+        if neighbour_expr.shape[2] != self.config.n_genes:
+            msg = f"learned aggregator: trained on {self.config.n_genes} genes, got {neighbour_expr.shape[2]}; use the index's panel"
+            raise BadInput(msg)
+        out = np.empty((sims.shape[0], self.config.n_genes), dtype=np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(out), batch_size):
+                sl = slice(s, s + batch_size)
+                t = [
+                    torch.from_numpy(np.ascontiguousarray(a[sl], dtype=np.float32))
+                    for a in (q, nk, neighbour_expr, sims)
+                ]
+                out[sl] = self.model(*t).numpy()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into the folder ``path``."""
+        st = import_optional("safetensors.torch", "LearnedAggregator.save")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        st.save_file(state, str(path / (WEIGHTS_FILE + ".tmp")))
+        (path / (WEIGHTS_FILE + ".tmp")).replace(path / WEIGHTS_FILE)
+        doc = {META_KIND: KIND, META_SCHEMA_VERSION: SCHEMA_VERSION, "config": self.config.to_dict()}
+        (path / CONFIG_FILE).write_text(json.dumps(doc, indent=1))
+        return path
+
+
+def _check_keys(query_keys: Any, neighbour_keys: Any, nk_shape: tuple[int, ...], dim: int | None = None):
+    q = np.asarray(query_keys, dtype=np.float32)
+    nk = np.asarray(neighbour_keys, dtype=np.float32)
+    n, k = nk_shape
+    if q.shape[:1] != (n,) or q.ndim != 2 or nk.shape[:2] != (n, k) or nk.ndim != 3 or nk.shape[2] != q.shape[1]:
+        msg = (
+            f"learned aggregator: query_keys {q.shape} and neighbour_keys {nk.shape} must be ({n}, d) and ({n}, {k}, d)"
+        )
+        raise BadInput(msg)
+    if dim and q.shape[1] != dim:
+        msg = f"learned aggregator: trained on {dim}-d keys, got {q.shape[1]}-d; use the index it was trained with"
+        raise BadInput(msg)
+    return q, nk
+
+
+def fit_learned_aggregator(
+    query_keys: np.ndarray,
+    neighbour_keys: np.ndarray,
+    neighbour_expr: np.ndarray,
+    sims: np.ndarray,
+    target_expr: np.ndarray,
+    cfg: LearnedAggregatorConfig | None = None,
+    seed: int = 0,
+) -> LearnedAggregator:
+    """Train the exemplar-attention aggregator by MSE to the reference's own expression.
+
+    Parameters
+    ----------
+    query_keys
+        (N, d) keys of the reference queries (aligned image embeddings).
+    neighbour_keys, neighbour_expr, sims
+        (N, k, d), (N, k, G), (N, k): the retrieved exemplars, found with the query's own
+        slide (or patient) *excluded*, as at prediction time on a new slide.
+    target_expr
+        (N, G) the queries' measured log-normalised expression.
+    cfg
+        Settings; ``key_dim``/``n_genes`` are filled from the arrays.
+    seed
+        Seeds the validation split, initialisation and shuffling.
+
+    Returns
+    -------
+    The :class:`LearnedAggregator` at the epoch with the lowest validation MSE.
+    """
+    torch = import_optional("torch", "fit_learned_aggregator")
+    sims, neighbour_expr = _check(sims, neighbour_expr)
+    q, nk = _check_keys(query_keys, neighbour_keys, sims.shape)
+    target = np.asarray(target_expr, dtype=np.float32)
+    if target.shape != (sims.shape[0], neighbour_expr.shape[2]):
+        msg = f"fit_learned_aggregator: target_expr {target.shape} must be (N, G) = {(sims.shape[0], neighbour_expr.shape[2])}"
+        raise BadInput(msg)
+    cfg = cfg or LearnedAggregatorConfig()
+    cfg = LearnedAggregatorConfig.from_dict({**cfg.to_dict(), "key_dim": q.shape[1], "n_genes": target.shape[1]})
+    n = len(target)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_val = round(n * cfg.val_fraction) if n >= 10 else 0
+    va_idx, tr_idx = perm[:n_val], perm[n_val:]
+    torch.manual_seed(seed)
+    model = _attention_module()(cfg)
+    model.expr_mean.copy_(torch.from_numpy(target[tr_idx].mean(0)))
+    model.expr_std.copy_(torch.from_numpy(np.maximum(target[tr_idx].std(0), 1e-3)))
+    T = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (q, nk, neighbour_expr, sims, target)]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+
+    def run_epoch(idx: np.ndarray, train: bool) -> float:
+        model.train(train)
+        order = idx[torch.randperm(len(idx), generator=gen).numpy()] if train else idx
+        total = 0.0
+        for s in range(0, len(order), cfg.batch_size):
+            b = torch.from_numpy(order[s : s + cfg.batch_size])
+            with torch.set_grad_enabled(train):
+                loss = torch.nn.functional.mse_loss(model(*(t[b] for t in T[:4])), T[4][b])
+            if train:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            total += float(loss.detach()) * len(b)
+        return total / max(len(order), 1)
+
+    history: list[dict[str, float]] = []
+    best, best_state, stale, t0 = math.inf, None, 0, time.perf_counter()
+    for epoch in range(cfg.max_epochs):
+        tr = run_epoch(tr_idx, True)
+        va = run_epoch(va_idx, False) if len(va_idx) else tr
+        history.append({"epoch": epoch, "train_mse": tr, "val_mse": va, "seconds": time.perf_counter() - t0})
+        LOG.info("learned aggregator epoch %d: train %.4f val %.4f", epoch, tr, va)
+        if va < best - 1e-6:
+            best, stale = va, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return LearnedAggregator(cfg, model, history)
+
+
+def load_learned_aggregator(path: str | Path) -> LearnedAggregator:
+    """Load a :class:`LearnedAggregator` folder (``config.json`` + ``model.safetensors``).
+
+    Raises
+    ------
+    BadInput
+        Naming the file when either is missing or corrupted.
+    """
+    st = import_optional("safetensors.torch", "load_learned_aggregator")
+    safetensor_error = import_optional("safetensors", "load_learned_aggregator").SafetensorError
+    folder = Path(path)
+    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            msg = f"{p}: missing; a learned aggregator folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
+            raise BadInput(msg)
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = f"{cfg_path}: not valid JSON ({e}); re-save the aggregator"
+        raise BadInput(msg) from e
+    if not isinstance(doc, dict) or doc.get(META_KIND) != KIND:
+        msg = f"{cfg_path}: not a learned aggregator config; re-save it with LearnedAggregator.save"
+        raise BadInput(msg)
+    cfg = LearnedAggregatorConfig.from_dict(doc.get("config", {}), str(cfg_path))
+    try:
+        state = st.load_file(str(w_path))
+    except (safetensor_error, OSError) as e:
+        msg = f"{w_path}: cannot be read as safetensors ({e}); the file is corrupted, re-save it"
+        raise BadInput(msg) from e
+    model = _attention_module()(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        msg = f"{w_path}: weights do not match {cfg_path} ({str(e).splitlines()[0]})"
+        raise BadInput(msg) from e
+    return LearnedAggregator(cfg, model)

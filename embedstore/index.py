@@ -1,0 +1,491 @@
+"""FAISS index over reference exemplars in the aligned space, and the index directory.
+
+Vectors are L2-normalised and searched by inner product (= cosine similarity). Any FAISS
+factory string works; :func:`default_factory` picks one by reference size (from
+``scripts/bench_knn.py``). An :class:`ExemplarIndex` bundles the FAISS index with the
+exemplars' ids and expression, the gene panel, the aligner and a manifest, and predicts
+expression for new image embeddings in bounded-memory batches.
+
+Directory layout::
+
+    index.faiss        faiss.write_index (always a CPU index)
+    exemplars.parquet  slide_id, spot_id, patient, key (vector), expression (panel vector)
+    panel.json         the gene panel (expression.Panel)
+    aligner/           config.json + model.safetensors (absent for the raw-embedding baseline)
+    aggregator/        config.json + model.safetensors (only for the learned aggregator)
+    manifest.json      schema version, encoder (name, fingerprint), factory, metric, keys, n, dim, ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embedstore._knn import (
+    BATCH_ENTRIES,
+    build,
+    default_factory,
+    default_nprobe,
+    gpu_available,
+    import_faiss,
+    l2_normalize,
+    search,
+    set_search_params,
+)
+from embedstore._optional import import_optional
+from embedstore._schema import (
+    META_ENCODER,
+    META_KIND,
+    META_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    Col,
+    check_fingerprint,
+)
+from embedstore.aggregate import (
+    Aggregator,
+    LearnedAggregator,
+    create_aggregator,
+    fit_learned_aggregator,
+    load_learned_aggregator,
+)
+from embedstore.aligner import Aligner, load_aligner, save_aligner
+from embedstore.errors import BadInput
+from embedstore.expression import Panel
+
+LOG = logging.getLogger(__name__)
+
+KIND = "exemplar_index"
+KEYS = ("expression", "image")
+INDEX_FILE, EXEMPLARS_FILE, PANEL_FILE, MANIFEST_FILE = (
+    "index.faiss",
+    "exemplars.parquet",
+    "panel.json",
+    "manifest.json",
+)
+ALIGNER_DIR, AGGREGATOR_DIR = "aligner", "aggregator"
+
+__all__ = [
+    "ExemplarIndex",
+    "build",
+    "build_exemplar_index",
+    "default_factory",
+    "default_nprobe",
+    "gpu_available",
+    "l2_normalize",
+    "load_index",
+    "save_index",
+    "search",
+    "set_search_params",
+]
+
+
+def _fixed_list(a: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a, dtype=np.float32).ravel()), a.shape[1])
+
+
+def _matrix(col: pa.ChunkedArray, width: int) -> np.ndarray:
+    return (
+        col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=False)
+    )
+
+
+class ExemplarIndex:
+    """Exemplars of a reference cohort in the aligned space, ready to predict expression.
+
+    Attributes
+    ----------
+    index
+        The faiss index over ``key_vectors`` (row i = exemplar i).
+    exemplars
+        Arrow table: slide_id, spot_id, patient of each exemplar.
+    expression
+        (n, G) float32 log-normalised expression over ``panel``.
+    key_vectors
+        (n, dim) float32 L2-normalised keys (projected expression or image embeddings).
+    panel
+        The :class:`~embedstore.expression.Panel`.
+    aligner
+        The :class:`~embedstore.aligner.Aligner`, or None for the raw-embedding baseline.
+    aggregator
+        Default aggregator of :meth:`predict`.
+    manifest
+        What the directory's manifest.json holds.
+    """
+
+    def __init__(self, index, exemplars, expression, key_vectors, panel, aligner, aggregator, manifest) -> None:
+        self.index, self.exemplars, self.expression = index, exemplars, expression
+        self.key_vectors, self.panel, self.aligner = key_vectors, panel, aligner
+        self.aggregator, self.manifest = aggregator, manifest
+
+    @property
+    def genes(self) -> list[str]:
+        """Panel genes, the columns of every prediction."""
+        return list(self.panel.genes)
+
+    @property
+    def fingerprint(self) -> str:
+        """Encoder fingerprint the index expects of query embeddings ('' if not recorded)."""
+        return str(self.manifest[META_ENCODER].get("fingerprint", ""))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def check_panel(self, genes: Any, where: str = "expression data") -> None:
+        """Raise BadInput naming both sides when ``genes`` differ from the index panel."""
+        genes = [str(g) for g in genes]
+        if genes != self.genes:
+            only_q = [g for g in genes if g not in set(self.genes)][:5]
+            only_i = [g for g in self.genes if g not in set(genes)][:5]
+            msg = (
+                f"{where}: gene panel ({len(genes)} genes, e.g. not in index: {only_q}) differs from the index panel "
+                f"({len(self.genes)} genes, e.g. not in data: {only_i}){' (same genes, other order)' if set(genes) == set(self.genes) else ''}; "
+                "apply the index's panel with expression.apply_panel"
+            )
+            raise BadInput(msg)
+
+    def check_query(
+        self, image_emb: np.ndarray, fingerprint: str | None = None, where: str = "query embeddings"
+    ) -> None:
+        """Raise when ``image_emb`` has the wrong width or ``fingerprint`` differs from the index's encoder."""
+        emb = np.asarray(image_emb)
+        want = int(self.manifest["input_dim"])
+        if emb.ndim != 2 or emb.shape[1] != want:
+            msg = (
+                f"{where}: shape {emb.shape}, but the index was built from {want}-d embeddings "
+                f"({self.manifest[META_ENCODER].get('name', 'unknown encoder')}); embed with the same encoder"
+            )
+            raise BadInput(msg)
+        if fingerprint is not None and self.fingerprint:
+            check_fingerprint(self.fingerprint, fingerprint, where)
+
+    def query_keys(
+        self, image_emb: np.ndarray, fingerprint: str | None = None, where: str = "query embeddings"
+    ) -> np.ndarray:
+        """Image embeddings -> L2-normalised query vectors of the index space (checks dim, fingerprint)."""
+        emb = np.asarray(image_emb, dtype=np.float32)
+        self.check_query(emb, fingerprint, where)
+        return self.aligner.project_images(emb) if self.aligner is not None else l2_normalize(emb)
+
+    def _groups(self, group_by: str) -> np.ndarray:
+        if group_by not in (Col.SLIDE_ID, Col.PATIENT):
+            msg = f"group_by={group_by!r}: use {Col.SLIDE_ID!r} or {Col.PATIENT!r}"
+            raise BadInput(msg)
+        g = self.exemplars.column(group_by).to_numpy(zero_copy_only=False)
+        if group_by == Col.PATIENT and any(v is None for v in g):
+            msg = "group_by='patient': some exemplars have no patient recorded; exclude by slide_id instead"
+            raise BadInput(msg)
+        return g.astype(str)
+
+    def retrieve(
+        self,
+        image_emb: np.ndarray,
+        k: int,
+        query_groups: np.ndarray | None = None,
+        group_by: str = Col.SLIDE_ID,
+        fingerprint: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Query keys (N, dim), sims (N, k) and exemplar ids (N, k); own-group exemplars excluded if ``query_groups``."""
+        keys = self.query_keys(image_emb, fingerprint)
+        exclude = None if query_groups is None else (self._groups(group_by), np.asarray(query_groups).astype(str))
+        sims, ids = search(self.index, keys, k, exclude)
+        return keys, sims, ids
+
+    def predict(
+        self,
+        image_emb: np.ndarray,
+        k: int = 50,
+        aggregator: str | Aggregator | None = None,
+        query_groups: np.ndarray | None = None,
+        *,
+        group_by: str = Col.SLIDE_ID,
+        batch_size: int = 4096,
+        fingerprint: str | None = None,
+    ) -> np.ndarray:
+        """Predicted log-normalised expression (N, len(genes)) float32 for new image embeddings.
+
+        Parameters
+        ----------
+        image_emb
+            (N, D) embeddings from the index's encoder.
+        k
+            Neighbours per query.
+        aggregator
+            A registered name (``"mean"``, ``"softmax"``, ``"idw"``), an :class:`Aggregator`,
+            or None for the index's default.
+        query_groups
+            (N,) slide ids (or patients, with ``group_by="patient"``) of the queries: exemplars
+            of the same group are excluded (leave-slide-out prediction on the reference).
+        batch_size
+            Queries per step; memory also stays under ~64 MB of neighbour expression per step.
+        fingerprint
+            Encoder fingerprint of ``image_emb``; checked against the manifest when given.
+        """
+        agg = create_aggregator(aggregator) if isinstance(aggregator, str) else (aggregator or self.aggregator)
+        emb = np.asarray(image_emb, dtype=np.float32)
+        self.check_query(emb, fingerprint)  # once, before any work
+        qg = None if query_groups is None else np.asarray(query_groups).astype(str)
+        if qg is not None and len(qg) != len(emb):
+            msg = f"query_groups: {len(qg)} values for {len(emb)} queries; give one per query"
+            raise BadInput(msg)
+        ex_groups = None if qg is None else self._groups(group_by)
+        width = max(len(self.genes), self.key_vectors.shape[1] if agg.needs_keys else 1)
+        step = max(1, min(batch_size, BATCH_ENTRIES // (k * width)))
+        out = np.empty((len(emb), len(self.genes)), dtype=np.float32)
+        for s in range(0, len(emb), step):
+            sl = slice(s, s + step)
+            keys = self.query_keys(emb[sl])
+            sims, ids = search(self.index, keys, k, None if qg is None else (ex_groups, qg[sl]))
+            if (ids < 0).any():
+                msg = f"index: found fewer than k={k} neighbours for some queries; raise nprobe/efSearch or lower k"
+                raise BadInput(msg)
+            nk = self.key_vectors[ids] if agg.needs_keys else None
+            out[sl] = agg(sims, self.expression[ids], query_keys=keys, neighbour_keys=nk)
+        return out
+
+    def fit_learned_aggregator(
+        self, image_emb: np.ndarray, k: int = 50, cfg: Any = None, seed: int = 0, group_by: str = Col.SLIDE_ID
+    ) -> LearnedAggregator:
+        """Train the EGN-style aggregator on the reference itself and make it the default.
+
+        ``image_emb`` are the exemplars' own image embeddings (row i = exemplar i); each one's
+        neighbours are retrieved with its own slide (or patient) excluded, as for a new slide.
+        """
+        emb = np.asarray(image_emb, dtype=np.float32)
+        if len(emb) != len(self):
+            msg = f"image_emb: {len(emb)} rows, but the index has {len(self)} exemplars; pass the reference's embeddings in exemplar order"
+            raise BadInput(msg)
+        groups = self._groups(group_by)
+        keys, sims, ids = self.retrieve(emb, k, groups, group_by)
+        agg = fit_learned_aggregator(
+            keys, self.key_vectors[ids], self.expression[ids], sims, self.expression, cfg, seed
+        )
+        self.aggregator = agg
+        self.manifest["aggregator"] = {"name": "learned", "params": {"path": AGGREGATOR_DIR}}
+        return agg
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the index directory (see module docstring); see :func:`save_index`."""
+        return save_index(self, path, overwrite)
+
+
+def build_exemplar_index(
+    image_emb: np.ndarray,
+    expression: np.ndarray,
+    panel: Panel,
+    slide_ids: Any,
+    spot_ids: Any,
+    patients: Any = None,
+    *,
+    aligner: Aligner | None = None,
+    keys: str = "expression",
+    factory: str | None = None,
+    encoder: dict[str, Any] | None = None,
+    aggregator: str | Aggregator = "mean",
+    device: str = "auto",
+    nprobe: int | None = None,
+    efSearch: int | None = None,
+    seed: int = 0,
+) -> ExemplarIndex:
+    """Build an :class:`ExemplarIndex` from a reference cohort's spots.
+
+    Parameters
+    ----------
+    image_emb
+        (n, D) image embeddings of the reference spots.
+    expression
+        (n, G) log-normalised expression over ``panel``.
+    panel
+        The gene panel (chosen on this reference).
+    slide_ids, spot_ids, patients
+        Per-spot ids stored in exemplars.parquet (``patients`` may be None).
+    aligner
+        A trained aligner; None builds the "kNN on raw embeddings" baseline (``keys="image"``).
+    keys
+        ``"expression"`` (BLEEP: keys are projected expression) or ``"image"`` (EGN: keys are
+        the (projected) image embeddings).
+    factory
+        FAISS factory string; None uses :func:`default_factory`.
+    encoder
+        Encoder metadata (name, fingerprint, ...) written to the manifest and checked on queries.
+    aggregator
+        Default aggregator: a registered name or an :class:`Aggregator`.
+    device, nprobe, efSearch, seed
+        Passed to :func:`build`.
+    """
+    emb = np.asarray(image_emb, dtype=np.float32)
+    expr = np.asarray(expression, dtype=np.float32)
+    n = len(emb)
+    if emb.ndim != 2 or expr.shape != (n, len(panel)):
+        msg = f"build_exemplar_index: image_emb {emb.shape} and expression {expr.shape} must be (n, D) and (n, {len(panel)} panel genes)"
+        raise BadInput(msg)
+    cols = {
+        Col.SLIDE_ID: slide_ids,
+        Col.SPOT_ID: spot_ids,
+        Col.PATIENT: patients if patients is not None else [None] * n,
+    }
+    for name, v in cols.items():
+        if len(v) != n:
+            msg = f"build_exemplar_index: {name} has {len(v)} values for {n} exemplars"
+            raise BadInput(msg)
+    if keys not in KEYS:
+        msg = f"keys={keys!r}: use 'expression' (BLEEP) or 'image' (EGN)"
+        raise BadInput(msg)
+    encoder = dict(encoder or {})
+    if aligner is None:
+        if keys == "expression":
+            msg = "keys='expression': needs a trained aligner; pass aligner=... or keys='image' for the raw-embedding baseline"
+            raise BadInput(msg)
+        key_vectors = l2_normalize(emb)
+    else:
+        cfg = aligner.config
+        if cfg.genes and tuple(cfg.genes) != panel.genes:
+            msg = f"aligner: trained on a {len(cfg.genes)}-gene panel ({list(cfg.genes)[:5]}...) but the index panel has {len(panel)} genes ({list(panel.genes)[:5]}...); train the aligner on this panel"
+            raise BadInput(msg)
+        if cfg.encoder_fingerprint and encoder.get("fingerprint"):
+            check_fingerprint(cfg.encoder_fingerprint, encoder["fingerprint"], "build_exemplar_index embeddings")
+        encoder.setdefault("fingerprint", cfg.encoder_fingerprint)
+        encoder.setdefault("name", cfg.encoder_name)
+        key_vectors = aligner.project_expression(expr) if keys == "expression" else aligner.project_images(emb)
+    factory = factory or default_factory(n, key_vectors.shape[1])
+    index = build(key_vectors, factory, "ip", device, seed=seed, nprobe=nprobe, efSearch=efSearch)
+    agg = create_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
+    from embedstore import __version__
+
+    manifest = {
+        META_SCHEMA_VERSION: SCHEMA_VERSION,
+        META_KIND: KIND,
+        META_ENCODER: encoder,
+        "factory": factory,
+        "metric": "ip",
+        "keys": keys,
+        "aligned": aligner is not None,
+        "n": n,
+        "dim": int(key_vectors.shape[1]),
+        "input_dim": int(emb.shape[1]),
+        "n_genes": len(panel),
+        "aggregator": {"name": agg.name, "params": {"path": AGGREGATOR_DIR} if agg.needs_keys else agg.params},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "embedstore_version": __version__,
+    }
+    table = pa.table(
+        {name: pa.array([None if v is None else str(v) for v in vals], pa.string()) for name, vals in cols.items()}
+    )
+    return ExemplarIndex(index, table, expr, key_vectors, panel, aligner, agg, manifest)
+
+
+def save_index(idx: ExemplarIndex, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``idx`` as a directory; written to a temporary sibling and renamed, so never half-visible."""
+    faiss = import_faiss("save_index")
+    pq = import_optional("pyarrow.parquet", "save_index")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        msg = f"{path}: already exists; pass overwrite=True or choose another folder"
+        raise BadInput(msg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        cpu = faiss.index_gpu_to_cpu(idx.index) if gpu_available() and "Gpu" in type(idx.index).__name__ else idx.index
+        faiss.write_index(cpu, str(tmp / INDEX_FILE))
+        table = idx.exemplars.append_column(Col.KEY, _fixed_list(idx.key_vectors)).append_column(
+            Col.EXPRESSION, _fixed_list(idx.expression)
+        )
+        meta = {
+            META_SCHEMA_VERSION: SCHEMA_VERSION,
+            META_KIND: "exemplars",
+            META_ENCODER: json.dumps(idx.manifest[META_ENCODER]),
+        }
+        pq.write_table(table.replace_schema_metadata(meta), tmp / EXEMPLARS_FILE)
+        (tmp / PANEL_FILE).write_text(idx.panel.to_json())
+        if idx.aligner is not None:
+            save_aligner(idx.aligner, tmp / ALIGNER_DIR)
+        if isinstance(idx.aggregator, LearnedAggregator):
+            idx.aggregator.save(tmp / AGGREGATOR_DIR)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(idx.manifest, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def load_index(
+    path: str | Path, device: str = "cpu", nprobe: int | None = None, efSearch: int | None = None
+) -> ExemplarIndex:
+    """Read an index directory written by :func:`save_index`.
+
+    Parameters
+    ----------
+    path
+        The directory.
+    device
+        ``"cpu"``, or ``"auto"``/``"cuda"`` to move the faiss index to the GPU when there is one.
+    nprobe, efSearch
+        Override the stored search settings.
+
+    Raises
+    ------
+    BadInput
+        Naming the file when a file is missing or corrupted, or the schema version differs.
+    """
+    faiss = import_faiss("load_index")
+    pq = import_optional("pyarrow.parquet", "load_index")
+    path = Path(path)
+    for f in (MANIFEST_FILE, INDEX_FILE, EXEMPLARS_FILE, PANEL_FILE):
+        if not (path / f).is_file():
+            msg = f"{path / f}: missing; {path} is not a complete exemplar index (rebuild it with build-index)"
+            raise BadInput(msg)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = f"{path / MANIFEST_FILE}: not valid JSON ({e}); rebuild the index"
+        raise BadInput(msg) from e
+    if not isinstance(manifest, dict) or manifest.get(META_KIND) != KIND:
+        msg = f"{path / MANIFEST_FILE}: not an exemplar index manifest; rebuild the index"
+        raise BadInput(msg)
+    if str(manifest.get(META_SCHEMA_VERSION)) != SCHEMA_VERSION:
+        msg = f"{path / MANIFEST_FILE}: schema version {manifest.get(META_SCHEMA_VERSION)}, this embedstore reads {SCHEMA_VERSION}; rebuild the index or upgrade embedstore"
+        raise BadInput(msg)
+    try:
+        index = faiss.read_index(str(path / INDEX_FILE))
+    except RuntimeError as e:
+        msg = f"{path / INDEX_FILE}: faiss cannot read it ({str(e).strip().splitlines()[-1]}); the file is corrupted, rebuild the index"
+        raise BadInput(msg) from e
+    try:
+        table = pq.read_table(path / EXEMPLARS_FILE)
+    except (pa.ArrowException, OSError) as e:
+        msg = f"{path / EXEMPLARS_FILE}: cannot be read as Parquet ({e}); the file is corrupted, rebuild the index"
+        raise BadInput(msg) from e
+    panel = Panel.from_json((path / PANEL_FILE).read_text(), str(path / PANEL_FILE))
+    n, dim = int(manifest["n"]), int(manifest["dim"])
+    if index.ntotal != n or index.d != dim or table.num_rows != n:
+        msg = f"{path}: index.faiss ({index.ntotal} x {index.d}), exemplars.parquet ({table.num_rows} rows) and manifest ({n} x {dim}) disagree; rebuild the index"
+        raise BadInput(msg)
+    key_vectors = _matrix(table.column(Col.KEY), dim)
+    expression = _matrix(table.column(Col.EXPRESSION), len(panel))
+    exemplars = table.select([Col.SLIDE_ID, Col.SPOT_ID, Col.PATIENT]).replace_schema_metadata(None)
+    aligner = load_aligner(path / ALIGNER_DIR) if manifest.get("aligned") else None
+    spec = manifest["aggregator"]
+    if spec["name"] == "learned":
+        agg = load_learned_aggregator(path / spec["params"]["path"])
+    else:
+        agg = create_aggregator(spec["name"], **spec["params"])
+    if device != "cpu" and gpu_available():
+        res = faiss.StandardGpuResources()
+        try:
+            gpu = faiss.index_cpu_to_gpu(res, 0, index)
+            gpu.referenced_objects = [res]
+            index = gpu
+        except RuntimeError as e:
+            LOG.info("load_index: keeping %s on the CPU (%s)", manifest["factory"], e)
+    set_search_params(index, nprobe=nprobe, efSearch=efSearch)
+    return ExemplarIndex(index, exemplars, expression, key_vectors, panel, aligner, agg, manifest)

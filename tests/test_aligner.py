@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedstore import aligner as al
+from embedstore.aligner import AlignerConfig, fit, load_aligner, save_aligner
+from embedstore.errors import BadInput
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # tiny models train fastest on one thread, and other jobs share this machine's cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cohort(n=480, d_img=48, n_genes=20, n_slides=4, seed=0):
+    """Image embeddings whose few informative directions are buried under loud nuisance
+    dimensions; expression is a nonlinear function of the same latent factors."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 4))
+    img = np.concatenate([z @ rng.standard_normal((4, 8)), 6 * rng.standard_normal((n, d_img - 8))], axis=1)
+    expr = np.log1p(np.exp(z @ rng.standard_normal((4, n_genes)))) + 0.05 * rng.standard_normal((n, n_genes))
+    slides = np.repeat([f"s{i}" for i in range(n_slides)], n // n_slides)
+    return img.astype(np.float32), expr.astype(np.float32), slides
+
+
+def _np_ce(logits, targets):
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return float(-(targets * logp).sum(1).mean())
+
+
+def test_clip_loss_by_hand():
+    a = np.array([[1.0, 0.0], [0.6, 0.8]])
+    b = np.array([[3.0, 4.0], [0.0, 2.0]])  # normalised inside the loss: (0.6, 0.8), (0, 1)
+    an, bn = a, b / np.linalg.norm(b, axis=1, keepdims=True)
+    s = 10.0
+    logits = s * an @ bn.T
+    eye = np.eye(2)
+    expected = (_np_ce(logits, eye) + _np_ce(logits.T, eye)) / 2
+    loss_fn = al.ClipLoss()
+    got = loss_fn(torch.tensor(a), torch.tensor(b), torch.tensor(s))
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # BLEEP's soft targets: softmax(s * (a a^T + b b^T) / 2)
+    sim = s * (an @ an.T + bn @ bn.T) / 2
+    t = np.exp(sim) / np.exp(sim).sum(1, keepdims=True)
+    expected_soft = (_np_ce(logits, t) + _np_ce(logits.T, t.T)) / 2
+    got_soft = al.ClipLoss(soft_targets=True)(torch.tensor(a), torch.tensor(b), torch.tensor(s))
+    assert float(got_soft) == pytest.approx(expected_soft, rel=1e-6)
+
+
+def test_projection_head_shape_and_norm():
+    head = al.ProjectionHead(12, 8, dropout=0.0)
+    out = head(torch.randn(5, 12))
+    assert out.shape == (5, 8)
+    assert isinstance(head.layer_norm, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_loss_falls_on_64_rows(soft):
+    img, expr, _ = cohort(n=64)
+    cfg = AlignerConfig(proj_dim=16, batch_size=32, max_epochs=15, patience=15, val_fraction=0, soft_targets=soft)
+    a = fit(img, expr, None, cfg, seed=0)
+    losses = [h["train_loss"] for h in a.history]
+    assert len(losses) == 15
+    assert losses[-1] < 0.7 * losses[0]
+    z = a.project_images(img)
+    assert z.shape == (64, 16)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1, rtol=1e-5)
+
+
+def test_fit_is_seeded_validates_on_held_out_slides_and_round_trips(tmp_path):
+    img, expr, slides = cohort(n=160)
+    cfg = AlignerConfig(
+        proj_dim=16, batch_size=64, max_epochs=4, encoder_fingerprint="abc123", genes=tuple(f"g{i}" for i in range(20))
+    )
+    a = fit(img, expr, slides, cfg, seed=3)
+    b = fit(img, expr, slides, cfg, seed=3)
+    np.testing.assert_array_equal(a.project_images(img), b.project_images(img))
+    assert a.config.image_dim == 48
+    assert a.config.n_genes == 20
+    assert a.config.encoder_fingerprint == "abc123"
+    assert {"train_loss", "val_loss"} <= set(a.history[0])
+    save_aligner(a, tmp_path / "al")
+    assert sorted(p.name for p in (tmp_path / "al").iterdir()) == ["config.json", "model.safetensors"]
+    c = load_aligner(tmp_path / "al")
+    assert c.config == a.config
+    np.testing.assert_array_equal(c.project_images(img), a.project_images(img))
+    np.testing.assert_array_equal(c.project_expression(expr), a.project_expression(expr))
+    with pytest.raises(BadInput, match="image embeddings: has 47 columns but the aligner was trained on 48"):
+        c.project_images(img[:, :47])
+
+
+def test_load_from_hf_hub_with_patched_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    img, expr, _ = cohort(n=64)
+    a = fit(img, expr, None, AlignerConfig(proj_dim=8, max_epochs=1), seed=0)
+    save_aligner(a, tmp_path / "snap")
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, **kw):
+        calls.append((repo_id, filename, revision))
+        return str(tmp_path / "snap" / filename)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    b = load_aligner("hf-hub:org/aligner@v1")
+    assert calls == [("org/aligner", "config.json", "v1"), ("org/aligner", "model.safetensors", "v1")]
+    np.testing.assert_array_equal(b.project_images(img), a.project_images(img))
+
+
+def test_corrupted_or_mismatched_checkpoint_names_the_file(tmp_path):
+    img, expr, _ = cohort(n=64)
+    a = fit(img, expr, None, AlignerConfig(proj_dim=8, max_epochs=1), seed=0)
+    save_aligner(a, tmp_path / "al")
+    w = tmp_path / "al" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(BadInput, match=r"al/model.safetensors: cannot be read as safetensors .*corrupted"):
+        load_aligner(tmp_path / "al")
+    (tmp_path / "al" / "config.json").write_text("{not json")
+    with pytest.raises(BadInput, match=r"al/config.json: not valid JSON"):
+        load_aligner(tmp_path / "al")
+    with pytest.raises(BadInput, match=r"aligner config: unknown keys \['bogus'\]; valid keys:"):
+        AlignerConfig.from_dict({"bogus": 1})
+    with pytest.raises(BadInput, match="aligner folder not found"):
+        load_aligner(tmp_path / "nowhere")
