@@ -36,7 +36,7 @@ class SlideJob:
     """One slide to embed: where it is, how to tile it, and its spots if it has any."""
 
     slide_id: str
-    path: Path
+    path: Path | None  # None: an ST section whose image is missing (reported as failed)
     mpp: float | None = None
     spots: Any = None  # AnnData of an ST section (spot-centred tiles), or None (tissue grid)
 
@@ -108,13 +108,11 @@ def find_jobs(
 
     if path.is_dir() and spots.detect_layout(path) is not None:
         jobs = []
-        for section in spots.read_dataset(path):
+        # join=None: each section keeps exactly the genes it measured; readers intersect later.
+        for section in spots.read_dataset(path, join=None):
             info = section.uns["embedstore"]
-            slide_id = info["slide_id"]
-            if not info.get("image_path"):
-                msg = f"{path}: section {slide_id} has no image; give the full-resolution image of each section"
-                raise BadInput(msg)
-            jobs.append(SlideJob(slide_id, Path(info["image_path"]), mpp or info.get("mpp"), section))
+            image = Path(info["image_path"]) if info.get("image_path") else None
+            jobs.append(SlideJob(info["slide_id"], image, mpp or info.get("mpp"), section))
         return jobs, cohort
 
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
@@ -195,6 +193,11 @@ def embed(
 
     def run(job: SlideJob, blocking: bool) -> bool:
         start = time.perf_counter()
+        if job.path is None:
+            reason = f"{data}: section {job.slide_id} has no image; add its full-resolution H&E image to the data set"
+            results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, 0.0, reason)
+            LOG.error("%s", reason)
+            return True
         with out.lock_slide(enc.name, cohort, job.slide_id, blocking=blocking) as acquired:
             if not acquired:
                 return False

@@ -122,11 +122,16 @@ def evaluate(
 
     cohorts = {"reference": Path(reference)} | ({"query": Path(query)} if query else {})
     thumbnails: dict[str, Any] = {}
+    skipped_notes = []
     for cohort, data in cohorts.items():
         report = embed(data, store, enc_name, weights=weights, cohort=cohort, workers=workers, batch_size=batch_size)
-        if not report.ok:
-            msg = f"{data}: embedding failed:\n{report.summary()}"
-            raise BadInput(msg.replace("\n", "; "))
+        failed = [r for r in report.results if r.status == "failed"]
+        if len(failed) == len(report.results):
+            msg = f"{data}: no section could be embedded ({failed[0].reason}); fix the data set"
+            raise BadInput(msg)
+        for r in failed:  # evaluate what can be evaluated, and say plainly what was left out
+            LOG.warning("%s: %s left out of the evaluation: %s", cohort, r.slide_id, r.reason)
+            skipped_notes.append(f"{cohort} section {r.slide_id} left out: {r.reason}")
         thumbnails.update(_thumbnails(data))
 
     from embedstore.reference import load_reference
@@ -147,7 +152,7 @@ def evaluate(
 
     from embedstore.report import write_report
 
-    notes = [folds_note, *_verdicts(metrics)]
+    notes = [folds_note, *_verdicts(metrics), *skipped_notes]
     report_path = write_report(
         out, metrics, report_inputs[0], report_inputs[1], thumbnails,
         title=f"embedstore evaluation: {Path(reference).name}" + (f" -> {Path(query).name}" if query else " (cross-validation)"),

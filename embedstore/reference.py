@@ -87,7 +87,12 @@ def load_reference(
 
     store = open_store(store) if isinstance(store, str | Path) else store
     spots, _, _ = store.read_expression(cohort=cohort, slide_ids=slide_ids, genes=[])
-    slides = [s for s in dict.fromkeys(spots.column(Col.SLIDE_ID).to_pylist()) if s not in set(exclude_slides)]
+    cohorts = [cohort] if isinstance(cohort, str) else cohort
+    listing = store.sql("SELECT cohort, slide_id FROM slides WHERE encoder = ?", params=[encoder])
+    embedded = {s for c, s in zip(listing.cohort, listing.slide_id, strict=True) if cohorts is None or c in cohorts}
+    slides = [
+        s for s in dict.fromkeys(spots.column(Col.SLIDE_ID).to_pylist()) if s not in set(exclude_slides) and s in embedded
+    ]
     if not slides:
         msg = (
             f"{store.root}: no reference slides with expression left for cohort {cohort}; check --cohort and exclusions"

@@ -159,3 +159,17 @@ def test_worker_count_does_not_change_the_table(tmp_path, synthetic_slide_path, 
     ref_meta, ref_emb = _table(ref_store)
     assert meta.column("tile_id").equals(ref_meta.column("tile_id"))
     np.testing.assert_array_equal(emb, ref_emb)
+
+
+def test_st_section_without_image_is_reported_failed(synthetic_cohort, tmp_path):
+    root = tmp_path / "cohort"
+    shutil.copytree(synthetic_cohort.root, root)
+    missing = synthetic_cohort.sections[1]
+    for image in (root / "data" / "ST-imgs").rglob(f"*{missing.section}*.tif"):
+        image.unlink()
+    report = embed(root, tmp_path / "store", workers=0, progress=False)
+    status = {r.slide_id: (r.status, r.reason) for r in report.results}
+    assert not report.ok
+    assert status[missing.section][0] == "failed"
+    assert "has no image" in status[missing.section][1]
+    assert sum(s == "done" for s, _ in status.values()) == len(synthetic_cohort.sections) - 1
