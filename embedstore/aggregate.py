@@ -15,7 +15,6 @@ Registered names (``AGGREGATORS``, :func:`create_aggregator`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -26,16 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from embedstore._checkpoint import load_weights, read_checkpoint, save_checkpoint
 from embedstore._optional import import_optional
 from embedstore._registry import Registry
-from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION
 from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
 
 AGGREGATORS = Registry("aggregator")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 KIND = "aggregator.learned"
 
 
@@ -283,15 +280,7 @@ class LearnedAggregator(Aggregator):
 
     def save(self, path: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into the folder ``path``."""
-        st = import_optional("safetensors.torch", "LearnedAggregator.save")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        st.save_file(state, str(path / (WEIGHTS_FILE + ".tmp")))
-        (path / (WEIGHTS_FILE + ".tmp")).replace(path / WEIGHTS_FILE)
-        doc = {META_KIND: KIND, META_SCHEMA_VERSION: SCHEMA_VERSION, "config": self.config.to_dict()}
-        (path / CONFIG_FILE).write_text(json.dumps(doc, indent=1))
-        return path
+        return save_checkpoint(path, KIND, self.config.to_dict(), self.model)
 
 
 def _check_keys(query_keys: Any, neighbour_keys: Any, nk_shape: tuple[int, ...], dim: int | None = None):
@@ -402,32 +391,7 @@ def load_learned_aggregator(path: str | Path) -> LearnedAggregator:
     BadInput
         Naming the file when either is missing or corrupted.
     """
-    st = import_optional("safetensors.torch", "load_learned_aggregator")
-    safetensor_error = import_optional("safetensors", "load_learned_aggregator").SafetensorError
-    folder = Path(path)
-    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            msg = f"{p}: missing; a learned aggregator folder holds {CONFIG_FILE} and {WEIGHTS_FILE}"
-            raise BadInput(msg)
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = f"{cfg_path}: not valid JSON ({e}); re-save the aggregator"
-        raise BadInput(msg) from e
-    if not isinstance(doc, dict) or doc.get(META_KIND) != KIND:
-        msg = f"{cfg_path}: not a learned aggregator config; re-save it with LearnedAggregator.save"
-        raise BadInput(msg)
-    cfg = LearnedAggregatorConfig.from_dict(doc.get("config", {}), str(cfg_path))
-    try:
-        state = st.load_file(str(w_path))
-    except (safetensor_error, OSError) as e:
-        msg = f"{w_path}: cannot be read as safetensors ({e}); the file is corrupted, re-save it"
-        raise BadInput(msg) from e
-    model = _attention_module()(cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        msg = f"{w_path}: weights do not match {cfg_path} ({str(e).splitlines()[0]})"
-        raise BadInput(msg) from e
+    config, state, cfg_path, w_path = read_checkpoint(Path(path), KIND, "re-save it with LearnedAggregator.save")
+    cfg = LearnedAggregatorConfig.from_dict(config, str(cfg_path))
+    model = load_weights(_attention_module()(cfg), state, cfg_path, w_path)
     return LearnedAggregator(cfg, model)

@@ -9,7 +9,6 @@ torch is imported lazily, so the ``nn.Module`` classes are built on first use.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,14 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from embedstore._checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_checkpoint, save_checkpoint
 from embedstore._optional import import_optional
-from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION
 from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 KIND = "aligner"
 
 
@@ -384,16 +381,7 @@ def save_aligner(aligner: Aligner, path: str | Path) -> Path:
     path
         Folder to create (or overwrite the two files in).
     """
-    st = import_optional("safetensors.torch", "save_aligner")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in aligner.model.state_dict().items()}
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    st.save_file(state, str(tmp))
-    tmp.replace(path / WEIGHTS_FILE)
-    doc = {META_KIND: KIND, META_SCHEMA_VERSION: SCHEMA_VERSION, "config": aligner.config.to_dict()}
-    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=1))
-    return path
+    return save_checkpoint(path, KIND, aligner.config.to_dict(), aligner.model)
 
 
 def _resolve(path: str | Path) -> Path:
@@ -428,37 +416,10 @@ def load_aligner(path: str | Path) -> Aligner:
         Naming the file when ``config.json`` or ``model.safetensors`` is missing, corrupted or
         does not match the config.
     """
-    st = import_optional("safetensors.torch", "load_aligner")
-    safetensor_error = import_optional("safetensors", "load_aligner").SafetensorError
     folder = _resolve(path)
-    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            msg = f"{p}: missing; an aligner folder holds {CONFIG_FILE} and {WEIGHTS_FILE} (save with save_aligner)"
-            raise BadInput(msg)
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = f"{cfg_path}: not valid JSON ({e}); re-save the aligner"
-        raise BadInput(msg) from e
-    if not isinstance(doc, dict) or doc.get(META_KIND) != KIND or "config" not in doc:
-        msg = f"{cfg_path}: not an embedstore aligner config; re-save the aligner with save_aligner"
-        raise BadInput(msg)
-    if str(doc.get(META_SCHEMA_VERSION)) != SCHEMA_VERSION:
-        msg = f"{cfg_path}: schema version {doc.get(META_SCHEMA_VERSION)}, this embedstore reads {SCHEMA_VERSION}; retrain or upgrade embedstore"
-        raise BadInput(msg)
-    cfg = AlignerConfig.from_dict(doc["config"], str(cfg_path))
-    try:
-        state = st.load_file(str(w_path))
-    except (safetensor_error, OSError) as e:
-        msg = f"{w_path}: cannot be read as safetensors ({type(e).__name__}: {e}); the file is corrupted, re-save or re-download it"
-        raise BadInput(msg) from e
-    model = _modules()["AlignerModel"](cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        msg = f"{w_path}: weights do not match {cfg_path} ({str(e).splitlines()[0]}); the two files come from different aligners"
-        raise BadInput(msg) from e
+    config, state, cfg_path, w_path = read_checkpoint(folder, KIND, "re-save the aligner with save_aligner")
+    cfg = AlignerConfig.from_dict(config, str(cfg_path))
+    model = load_weights(_modules()["AlignerModel"](cfg), state, cfg_path, w_path)
     return Aligner(cfg, model)
 
 

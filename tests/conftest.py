@@ -32,3 +32,14 @@ def synthetic_cohort(tmp_path_factory):
     return make_synthetic_cohort(
         tmp_path_factory.mktemp("cohort"), n_slides=3, n_spots=60, n_genes=50, seed=0, width=2000, height=2000, mpp=1.0
     )
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and other jobs may share the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,26 +7,9 @@ import torch
 from embedstore import aligner as al
 from embedstore.aligner import AlignerConfig, fit, load_aligner, save_aligner
 from embedstore.errors import BadInput
+from embedstore.testing import seeded_embeddings
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # tiny models train fastest on one thread, and other jobs share this machine's cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def cohort(n=480, d_img=48, n_genes=20, n_slides=4, seed=0):
-    """Image embeddings whose few informative directions are buried under loud nuisance
-    dimensions; expression is a nonlinear function of the same latent factors."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, 4))
-    img = np.concatenate([z @ rng.standard_normal((4, 8)), 6 * rng.standard_normal((n, d_img - 8))], axis=1)
-    expr = np.log1p(np.exp(z @ rng.standard_normal((4, n_genes)))) + 0.05 * rng.standard_normal((n, n_genes))
-    slides = np.repeat([f"s{i}" for i in range(n_slides)], n // n_slides)
-    return img.astype(np.float32), expr.astype(np.float32), slides
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _np_ce(logits, targets):
@@ -62,7 +45,7 @@ def test_projection_head_shape_and_norm():
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_loss_falls_on_64_rows(soft):
-    img, expr, _ = cohort(n=64)
+    img, expr, _ = seeded_embeddings(n=64)
     cfg = AlignerConfig(proj_dim=16, batch_size=32, max_epochs=15, patience=15, val_fraction=0, soft_targets=soft)
     a = fit(img, expr, None, cfg, seed=0)
     losses = [h["train_loss"] for h in a.history]
@@ -74,7 +57,7 @@ def test_loss_falls_on_64_rows(soft):
 
 
 def test_fit_is_seeded_validates_on_held_out_slides_and_round_trips(tmp_path):
-    img, expr, slides = cohort(n=160)
+    img, expr, slides = seeded_embeddings(n=160)
     cfg = AlignerConfig(
         proj_dim=16, batch_size=64, max_epochs=4, encoder_fingerprint="abc123", genes=tuple(f"g{i}" for i in range(20))
     )
@@ -98,7 +81,7 @@ def test_fit_is_seeded_validates_on_held_out_slides_and_round_trips(tmp_path):
 def test_load_from_hf_hub_with_patched_download(tmp_path, monkeypatch):
     import huggingface_hub
 
-    img, expr, _ = cohort(n=64)
+    img, expr, _ = seeded_embeddings(n=64)
     a = fit(img, expr, None, AlignerConfig(proj_dim=8, max_epochs=1), seed=0)
     save_aligner(a, tmp_path / "snap")
     calls = []
@@ -115,7 +98,7 @@ def test_load_from_hf_hub_with_patched_download(tmp_path, monkeypatch):
 
 
 def test_corrupted_or_mismatched_checkpoint_names_the_file(tmp_path):
-    img, expr, _ = cohort(n=64)
+    img, expr, _ = seeded_embeddings(n=64)
     a = fit(img, expr, None, AlignerConfig(proj_dim=8, max_epochs=1), seed=0)
     save_aligner(a, tmp_path / "al")
     w = tmp_path / "al" / "model.safetensors"

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from embedstore._schema import Col
 from embedstore.aggregate import LearnedAggregatorConfig, create_aggregator
@@ -21,26 +20,9 @@ from embedstore.index import (
     search,
     set_search_params,
 )
+from embedstore.testing import seeded_embeddings
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # tiny models train fastest on one thread, and other jobs share this machine's cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def cohort(n=480, d_img=48, n_genes=20, n_slides=4, seed=0):
-    """Image embeddings whose few informative directions are buried under loud nuisance
-    dimensions; expression is a nonlinear function of the same latent factors."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, 4))
-    img = np.concatenate([z @ rng.standard_normal((4, 8)), 6 * rng.standard_normal((n, d_img - 8))], axis=1)
-    expr = np.log1p(np.exp(z @ rng.standard_normal((4, n_genes)))) + 0.05 * rng.standard_normal((n, n_genes))
-    slides = np.repeat([f"s{i}" for i in range(n_slides)], n // n_slides)
-    return img.astype(np.float32), expr.astype(np.float32), slides
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def brute(xb, xq, k, allowed=None):
@@ -120,7 +102,7 @@ def pearson_per_gene(pred, truth):
 
 
 def test_alignment_beats_raw_knn_leave_slide_out():
-    img, expr, slides = cohort()
+    img, expr, slides = seeded_embeddings()
     panel = Panel(tuple(f"g{i}" for i in range(20)), "list")
     aligner = fit(img, expr, slides, AlignerConfig(proj_dim=32, batch_size=128, max_epochs=40, patience=8), seed=0)
     raw = build_exemplar_index(img, expr, panel, **_ids(len(img), slides), keys="image")
@@ -134,7 +116,7 @@ def test_alignment_beats_raw_knn_leave_slide_out():
 
 
 def test_raw_baseline_predict_is_mean_of_brute_force_neighbours():
-    img, expr, slides = cohort(n=200)
+    img, expr, slides = seeded_embeddings(n=200)
     panel = Panel(tuple(f"g{i}" for i in range(20)), "list")
     idx = build_exemplar_index(img, expr, panel, **_ids(200, slides), keys="image")
     q = img[:30] + 0.1
@@ -150,7 +132,7 @@ def test_raw_baseline_predict_is_mean_of_brute_force_neighbours():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    img, expr, slides = cohort(n=240)
+    img, expr, slides = seeded_embeddings(n=240)
     panel = Panel(tuple(f"g{i}" for i in range(20)), "hvg", {"n": 20})
     cfg = AlignerConfig(
         proj_dim=16, max_epochs=3, encoder_fingerprint="fp-1", encoder_name="builtin", genes=panel.genes
@@ -195,7 +177,7 @@ def test_mismatches_give_one_line_errors(saved):
     ):
         idx.check_panel(["g0", "X"], "truth.h5ad")
     other = Panel(tuple(f"h{i}" for i in range(20)), "list")
-    img2, expr2, slides2 = cohort(n=40)
+    img2, expr2, slides2 = seeded_embeddings(n=40)
     with pytest.raises(BadInput, match=r"aligner: trained on a 20-gene panel .* but the index panel has 20 genes"):
         build_exemplar_index(img2, expr2, other, **_ids(40, slides2), aligner=idx.aligner)
     with pytest.raises(BadInput, match="keys='expression': needs a trained aligner"):

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embedstore"
 # Top-level modules in data-flow order; a module may import only those before it (and itself).
 ORDER = [
     "errors",
-    "_optional", "_registry", "_schema", "metrics", "probe",
+    "_optional", "_registry", "_schema", "_checkpoint", "metrics", "probe",
     "recipes",
     "slides", "spots", "expression",
     "tiling",
