@@ -23,7 +23,9 @@ app = typer.Typer(
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect exemplar indexes.")
 app.add_typer(index_app, name="index")
 
-ExistingPath = Annotated[Path, typer.Argument(exists=True, help="A file or folder that exists.")]
+# Paths are checked by the library, which names the file and the fix in one line (exit 2);
+# typer's own check would print a multi-line usage box instead.
+InputPath = Annotated[Path, typer.Argument(help="Input file or folder.")]
 
 
 @app.callback()
@@ -36,7 +38,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pr
 
 @app.command()
 def info(
-    slide: ExistingPath,
+    slide: InputPath,
     mpp: Annotated[float | None, typer.Option(help="µm/px when the slide's metadata lacks it.")] = None,
     target_mpp: Annotated[float, typer.Option(help="µm/px the tile count is computed at.")] = 0.5,
     size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,
@@ -50,7 +52,7 @@ def info(
 
 @app.command()
 def tile(
-    slide: ExistingPath,
+    slide: InputPath,
     out: Annotated[Path, typer.Option("--out", "-o", help="Tile table to write (Parquet).")],
     mpp: Annotated[float | None, typer.Option(help="µm/px when the slide's metadata lacks it.")] = None,
     target_mpp: Annotated[float, typer.Option(help="µm/px to tile at.")] = 0.5,
@@ -78,7 +80,7 @@ def encoders() -> None:
 
 @app.command()
 def embed(
-    data: ExistingPath,
+    data: InputPath,
     store: Annotated[Path, typer.Option(help="Store folder (created when missing).")],
     encoder: Annotated[str | None, typer.Option(help="Encoder name; the built-in one by default.")] = None,
     weights: Annotated[str | None, typer.Option(help="hf-hub:org/repo, local-dir:/path or a weight file.")] = None,
@@ -107,7 +109,7 @@ def embed(
 
 @app.command()
 def sql(
-    store: ExistingPath,
+    store: InputPath,
     query: Annotated[str, typer.Argument(help="SQL over the views embeddings, slides, spots, expression.")],
     output: Annotated[str, typer.Option(help="table, csv or json.")] = "table",
     write: Annotated[bool, typer.Option(help="Allow statements that write.")] = False,
@@ -148,8 +150,8 @@ def index_list() -> None:
 
 @app.command()
 def predict(
-    index: Annotated[Path, typer.Option(exists=True, help="Index folder.")],
-    store: Annotated[Path, typer.Option(exists=True, help="Store with the query embeddings.")],
+    index: Annotated[Path, typer.Option(help="Index folder.")],
+    store: Annotated[Path, typer.Option(help="Store with the query embeddings.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="AnnData file to write (.h5ad).")],
     slide: Annotated[list[str] | None, typer.Option(help="Slide id(s) to predict; all by default.")] = None,
     cohort: Annotated[str | None, typer.Option(help="Cohort of the query slides.")] = None,
@@ -166,10 +168,10 @@ def predict(
 
 @app.command()
 def evaluate(
-    reference: Annotated[Path, typer.Option(exists=True, help="Reference ST data set.")],
+    reference: Annotated[Path, typer.Option(help="Reference ST data set.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for predictions, metrics.json, report.html.")],
     query: Annotated[
-        Path | None, typer.Option(exists=True, help="Query ST data set; omit for cross-validation.")
+        Path | None, typer.Option(help="Query ST data set; omit for cross-validation.")
     ] = None,
     encoder: Annotated[str | None, typer.Option(help="Encoder name; the built-in one by default.")] = None,
     weights: Annotated[str | None, typer.Option(help="Encoder weights (see embed).")] = None,
@@ -192,7 +194,7 @@ def evaluate(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
     data: Annotated[
-        Path | None, typer.Option(exists=True, help="A real ST data set instead of the synthetic one.")
+        Path | None, typer.Option(help="A real ST data set instead of the synthetic one.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:

@@ -141,6 +141,7 @@ def embed(
     device: str = "auto",
     batch_size: int = 32,
     workers: int = 2,
+    loader: str = "auto",
     progress: bool = True,
 ) -> EmbedReport:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store.
@@ -172,7 +173,9 @@ def embed(
     device
         ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:N]"``.
     batch_size, workers
-        Tiles per forward pass, and DataLoader worker processes reading tiles.
+        Tiles per forward pass, and readers working while the model runs.
+    loader
+        ``"threads"``, ``"processes"`` or ``"auto"``; see :func:`iterate_batches`.
     progress
         Show a progress bar with tiles/s.
     """
@@ -206,7 +209,14 @@ def embed(
                 return True
             try:
                 n = _embed_slide(
-                    job, out, enc, meta, cohort, target_mpp, size_px, min_tissue, batch_size, workers, progress
+                    job,
+                    out,
+                    enc,
+                    meta,
+                    cohort,
+                    (target_mpp, size_px, min_tissue),
+                    (batch_size, workers, loader),
+                    progress,
                 )
             except EmbedstoreError as e:
                 results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, str(e))
@@ -246,16 +256,15 @@ def _embed_slide(
     enc: Any,
     meta: dict,
     cohort: str,
-    target_mpp: float,
-    size_px: int,
-    min_tissue: float,
-    batch_size: int,
-    workers: int,
+    geometry: tuple[float, int, float],
+    reading: tuple[int, int, str],
     progress: bool,
 ) -> int:
     """Embed the tiles of one slide that are not staged yet; publish the slide; return its tile count."""
     from embedstore import slides, tiling
 
+    target_mpp, size_px, min_tissue = geometry
+    batch_size, workers, loader = reading
     with slides.open_slide(job.path, mpp=job.mpp, slide_id=job.slide_id) as slide:
         tiles = _tile_table(job, slide, target_mpp, size_px, min_tissue)
     if tiles.num_rows == 0:
@@ -271,7 +280,7 @@ def _embed_slide(
         LOG.info("%s: resuming, %d of %d tiles already staged", job.slide_id, len(ids) - len(todo), len(ids))
     reader = tiling.TileReader(job.path, tiles, mpp=job.mpp)
     bar = _progress(len(todo), f"{job.slide_id}", progress)
-    for rows, batch in iterate_batches(reader, todo, enc.transform(), batch_size, workers):
+    for rows, batch in iterate_batches(reader, todo, enc.transform(), batch_size, workers, loader):
         embeddings = enc.forward(batch)
         writer.append(tiles.take(pa.array(rows)), embeddings)
         bar(len(rows))
@@ -286,8 +295,9 @@ def iterate_batches(
     transform: Callable[[np.ndarray], Any],
     batch_size: int,
     workers: int,
+    loader: str = "auto",
 ):
-    """Yield ``(row indices, model input)`` batches, reading and preprocessing in workers.
+    """Yield ``(row indices, model input)`` batches, read in parallel with the model.
 
     Parameters
     ----------
@@ -296,18 +306,35 @@ def iterate_batches(
     indices
         Rows of the reader's tile table to read, in order.
     transform
-        The encoder's batch transform, uint8 ``(B, H, W, 3)`` -> model input; runs in the workers.
+        The encoder's batch transform, uint8 ``(B, H, W, 3)`` -> model input.
     batch_size, workers
-        Tiles per batch, and worker processes (0 reads in this process).
+        Tiles per batch, and readers (0 reads in this process, between forward passes).
+    loader
+        ``"threads"``: reader threads share memory and the slide handle (OpenSlide and PIL
+        release the GIL), uint8 tiles, transform in this thread — cheapest when the model
+        runs on the same CPU cores. ``"processes"``: a torch DataLoader whose worker
+        processes also run the transform — keeps a GPU fed. ``"auto"``: processes when
+        CUDA is available, threads otherwise.
     """
     import torch
-    from torch.utils.data import DataLoader
 
     if len(indices) == 0:
         return
-    dataset = _TileSubset(reader, indices)
-    loader = DataLoader(
-        dataset,
+    if loader == "auto":
+        loader = "processes" if torch.cuda.is_available() else "threads"
+    if loader == "threads":
+        from embedstore.tiling import iter_tile_batches
+
+        for rows, tiles in iter_tile_batches(reader, batch_size=batch_size, workers=workers, indices=indices):
+            yield rows, transform(tiles)
+        return
+    if loader != "processes":
+        msg = f"loader={loader!r}: use 'auto', 'threads' or 'processes'"
+        raise BadInput(msg)
+    from torch.utils.data import DataLoader
+
+    data = DataLoader(
+        _TileSubset(reader, indices),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_Collate(transform),
@@ -315,7 +342,7 @@ def iterate_batches(
         prefetch_factor=4 if workers else None,
         pin_memory=torch.cuda.is_available(),
     )
-    yield from loader
+    yield from data
 
 
 class _TileSubset:

@@ -112,6 +112,10 @@ def evaluate(
     if unknown:
         msg = f"methods {unknown}: unknown; choose from {', '.join(METHODS)}"
         raise BadInput(msg)
+    for data in (reference, query):
+        if data is not None and not Path(data).exists():
+            msg = f"{data}: no such data set; pass an ST data set folder (her2st, STUtility, Visium outs or HEST)"
+            raise BadInput(msg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(store) if store else out / "store"

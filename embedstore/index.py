@@ -442,7 +442,7 @@ def load_index(
     path = Path(path)
     for f in (MANIFEST_FILE, INDEX_FILE, EXEMPLARS_FILE, PANEL_FILE):
         if not (path / f).is_file():
-            msg = f"{path / f}: missing; {path} is not a complete exemplar index (rebuild it with build-index)"
+            msg = f"{path / f}: missing; {path} is not a complete exemplar index; pass an index folder (embedstore index build writes one)"
             raise BadInput(msg)
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())

@@ -148,10 +148,10 @@ def test_unwritable_store_fails_before_compute(tmp_path, synthetic_slide_path):
     assert "not writable" in result.stderr
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_worker_count_does_not_change_the_table(tmp_path, synthetic_slide_path, workers):
+@pytest.mark.parametrize(("workers", "loader"), [(0, "threads"), (2, "threads"), (2, "processes")])
+def test_readers_do_not_change_the_table(tmp_path, synthetic_slide_path, workers, loader):
     store = tmp_path / f"w{workers}"
-    assert embed(synthetic_slide_path, store, workers=workers, batch_size=8, progress=False).ok
+    assert embed(synthetic_slide_path, store, workers=workers, loader=loader, batch_size=8, progress=False).ok
     meta, emb = _table(store)
     ref_store = tmp_path / "ref"
     if not ref_store.exists():
