@@ -135,22 +135,20 @@ def predict(
     slides = list(slide_ids) if slide_ids else _slides(st, encoder, cohort)
     parts = []
     for slide in slides:
-        meta, emb = st.read_embeddings(encoder, cohort=cohort, slide_ids=[slide])
-        groups = None
-        if exclude_own:
-            groups = (
-                meta.column(Col.SLIDE_ID).to_numpy(zero_copy_only=False)
-                if exclude_own == Col.SLIDE_ID
-                else _patients(st, meta)
-            )
-        values = idx.predict(
-            emb, k=k, aggregator=aggregator, query_groups=groups, group_by=exclude_own or Col.SLIDE_ID,
-            fingerprint=meta.column(Col.FINGERPRINT)[0].as_py(),
-        )  # fmt: skip
-        parts.append(
-            prediction_anndata(values, idx.genes, meta.select([c for c in OBS_COLUMNS if c in meta.column_names]))
-        )
-        LOG.info("predicted %s: %d tiles", slide, len(emb))
+        # One row group (~64 MiB of vectors) at a time: memory does not grow with the slide.
+        for meta, emb in st.iter_embeddings(encoder, cohort=cohort, slide_ids=[slide]):
+            groups = None
+            if exclude_own == Col.SLIDE_ID:
+                groups = meta.column(Col.SLIDE_ID).to_numpy(zero_copy_only=False)
+            elif exclude_own:
+                groups = _patients(st, meta)
+            values = idx.predict(
+                emb, k=k, aggregator=aggregator, query_groups=groups, group_by=exclude_own or Col.SLIDE_ID,
+                fingerprint=meta.column(Col.FINGERPRINT)[0].as_py(),
+            )  # fmt: skip
+            obs = meta.select([c for c in OBS_COLUMNS if c in meta.column_names])
+            parts.append(prediction_anndata(values, idx.genes, obs))
+        LOG.info("predicted %s", slide)
     adata = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
     adata.uns[UNS_KEY] = {
         "index": str(index) if isinstance(index, str | Path) else "",

@@ -369,3 +369,17 @@ def test_bad_input_messages(store, tmp_path):
             open_store(ro_dir, read_only=False).check_writable()
     finally:
         ro_dir.chmod(0o700)
+
+
+def test_iter_embeddings_chunks_equal_the_bulk_read(store, monkeypatch):
+    import embedstore.store._store as store_module
+
+    monkeypatch.setattr(store_module, "row_group_rows", lambda dim: 8)  # several row groups per slide
+    write_slide(store, "S1", 33)
+    write_slide(store, "S2", 12)
+    meta, X = store.read_embeddings("toy")
+    chunks = list(store.iter_embeddings("toy"))
+    assert [len(c[1]) for c in chunks] == [8, 8, 8, 8, 1, 8, 4]
+    assert all(len(set(m.column(Col.SLIDE_ID).to_pylist())) == 1 for m, _ in chunks)
+    np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), X)
+    assert pa.concat_tables([c[0] for c in chunks]).equals(meta)

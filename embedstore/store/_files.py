@@ -246,11 +246,14 @@ _DATA_PAGE_V2 = 3
 _PLAIN = 0
 
 
-def read_vectors_into(path: Path, md: pq.FileMetaData, column: str, out: np.ndarray) -> None:
+def read_vectors_into(
+    path: Path, md: pq.FileMetaData, column: str, out: np.ndarray, row_groups: Sequence[int] | None = None
+) -> None:
     """Read a float32 fixed-size-list column straight into ``out`` (rows x dim, C-contiguous).
 
-    Raises :class:`NotPlain` when the column is not stored as PLAIN, uncompressed v2 pages
-    without nulls; the caller then uses pyarrow.
+    ``row_groups`` limits the read to those row groups (all by default). Raises
+    :class:`NotPlain` when the column is not stored as PLAIN, uncompressed v2 pages without
+    nulls; the caller then uses pyarrow.
     """
     leaf = next(
         (i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column),
@@ -265,7 +268,7 @@ def read_vectors_into(path: Path, md: pq.FileMetaData, column: str, out: np.ndar
     pos = 0
     with Path(path).open("rb", buffering=0) as f:
         fd = f.fileno()
-        for rg in range(md.num_row_groups):
+        for rg in range(md.num_row_groups) if row_groups is None else row_groups:
             cc = md.row_group(rg).column(leaf)
             if cc.compression != "UNCOMPRESSED" or cc.has_dictionary_page:
                 raise NotPlain(cc.compression)

@@ -376,6 +376,56 @@ class Store:
         The metadata table and the embeddings, row-aligned. Raises
         :class:`~embedstore.errors.FingerprintMismatch` if the files disagree.
         """
+        files, metas, dim, cols = self._checked_files(encoder, cohort, slide_ids, columns, fingerprint)
+        out = np.empty((sum(md.num_rows for md in metas), dim), dtype=np.float32)
+        tables = []
+        start = 0
+        for path, md in zip(files, metas, strict=True):
+            stop = start + md.num_rows
+            try:
+                read_vectors_into(path, md, Col.EMBEDDING, out[start:stop])
+            except NotPlain as e:  # written by another tool: let pyarrow decode it
+                LOG.debug("%s: generic read (%s)", path, e)
+                out[start:stop] = vectors_from_arrow(read_table_columns(path, [Col.EMBEDDING]).column(0), dim)
+            tables.append(read_table_columns(path, cols))
+            start = stop
+        return pa.concat_tables(tables), out
+
+    def iter_embeddings(
+        self,
+        encoder: str,
+        cohort: str | Sequence[str] | None = None,
+        slide_ids: Sequence[str] | None = None,
+        columns: Sequence[str] | None = None,
+        fingerprint: str | None = None,
+    ) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """Like :meth:`read_embeddings`, one row group at a time (about 64 MiB of vectors).
+
+        Memory stays bounded however large a slide is; each chunk belongs to one slide.
+        """
+        files, metas, dim, cols = self._checked_files(encoder, cohort, slide_ids, columns, fingerprint)
+        for path, md in zip(files, metas, strict=True):
+            handle = pq.ParquetFile(path)
+            for rg in range(md.num_row_groups):
+                out = np.empty((md.row_group(rg).num_rows, dim), dtype=np.float32)
+                try:
+                    read_vectors_into(path, md, Col.EMBEDDING, out, row_groups=[rg])
+                except NotPlain:  # written by another tool: let pyarrow decode it
+                    out = vectors_from_arrow(handle.read_row_group(rg, columns=[Col.EMBEDDING]).column(0), dim)
+                yield handle.read_row_group(rg, columns=cols), out
+
+    def _checked_files(
+        self,
+        encoder: str,
+        cohort: str | Sequence[str] | None,
+        slide_ids: Sequence[str] | None,
+        columns: Sequence[str] | None,
+        fingerprint: str | None,
+    ) -> tuple[list[Path], list[Any], int, list[str]]:
+        """Selected files, their metadata, the common dim and the metadata columns to read.
+
+        Every file must carry ``fingerprint`` (default: the first file's) and the same dim.
+        """
         files = self._slide_files(encoder, cohort, slide_ids)
         metas = [pq.read_metadata(p) for p in files]
         expected = fingerprint
@@ -393,19 +443,7 @@ class Store:
             dim = d
         dim = int(dim or 0)
         cols = list(columns) if columns is not None else [n for n in embedding_schema(dim).names if n != Col.EMBEDDING]
-        out = np.empty((sum(md.num_rows for md in metas), dim), dtype=np.float32)
-        tables = []
-        start = 0
-        for path, md in zip(files, metas, strict=True):
-            stop = start + md.num_rows
-            try:
-                read_vectors_into(path, md, Col.EMBEDDING, out[start:stop])
-            except NotPlain as e:  # written by another tool: let pyarrow decode it
-                LOG.debug("%s: generic read (%s)", path, e)
-                out[start:stop] = vectors_from_arrow(read_table_columns(path, [Col.EMBEDDING]).column(0), dim)
-            tables.append(read_table_columns(path, cols))
-            start = stop
-        return pa.concat_tables(tables), out
+        return files, metas, dim, cols
 
     def read_expression(
         self,
