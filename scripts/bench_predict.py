@@ -124,12 +124,14 @@ def main() -> None:
         idx.manifest["k"] = args.k
         idx.save(Path(tmp) / "index")
         store = open_store(Path(tmp) / "store")
-        # Peak memory of one prediction alone: run it in a fresh process (ru_maxrss never decreases).
+        # Peak memory of one prediction alone, in a fresh process. VmHWM, not ru_maxrss: Linux
+        # carries ru_maxrss across exec, so a child would report this (large) parent's peak.
         code = (
-            "import resource, sys; from embedstore.prediction import predict, write_h5ad; "
+            "from embedstore.prediction import predict, write_h5ad; "
             f"a = predict({str(Path(tmp) / 'index')!r}, {str(Path(tmp) / 'store')!r}, slide_ids=['big'], k={args.k}); "
             f"write_h5ad(a, {str(Path(tmp) / 'child.h5ad')!r}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+            "print(int(hwm.split()[1]) / 1024)"
         )
         child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         rss_predict = float(child.stdout.strip().splitlines()[-1])
