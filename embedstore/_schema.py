@@ -11,14 +11,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from embedstore.errors import FingerprintMismatch
+from embedstore.errors import FingerprintMismatch, GeometryMismatch
 
 SCHEMA_VERSION = "1"
+
+# How tiles are resized from the pyramid level to the target µm/px; part of the tile geometry.
+RESAMPLE = "bilinear"
 
 # Key-value metadata carried by every Parquet file and index manifest we write.
 META_SCHEMA_VERSION = "embedstore.schema_version"
 META_ENCODER = "embedstore.encoder"
 META_KIND = "embedstore.kind"
+META_GEOMETRY = "embedstore.geometry"  # JSON: the tile geometry (mpp, size_px, resample) of an embedding file
 META_GENES = "embedstore.genes"  # JSON list of every measured gene of an expression file (zeros are not stored)
 
 # AnnData keys of spot and prediction objects (scanpy/squidpy plot obsm["spatial"]).
@@ -162,3 +166,40 @@ def check_fingerprint(expected: str, found: str, where: str) -> None:
             "embed with the same encoder and weights, or rebuild the index from these embeddings"
         )
         raise FingerprintMismatch(msg)
+
+
+def geometry(mpp: float, size_px: int, resample: str = RESAMPLE) -> dict[str, Any]:
+    """The tile geometry of embeddings: µm/px sampled at, tile side in pixels, resampling filter.
+
+    Two embeddings are comparable only when their encoder fingerprints *and* geometries agree.
+    """
+    return {"mpp": round(float(mpp), 6), "size_px": int(size_px), "resample": str(resample)}
+
+
+def describe_geometry(geom: dict[str, Any] | None) -> str:
+    """``"0.5 µm/px x 224 px (bilinear)"``, or ``"unknown geometry"``."""
+    if not geom:
+        return "unknown geometry"
+    return f"{geom.get('mpp')} µm/px x {geom.get('size_px')} px ({geom.get('resample', '?')})"
+
+
+def check_geometry(expected: dict[str, Any] | None, found: dict[str, Any] | None, where: str) -> None:
+    """Raise :class:`GeometryMismatch` naming both geometries when they differ.
+
+    Parameters
+    ----------
+    expected
+        Geometry the consumer (index, slide file being resumed) was made with.
+    found
+        Geometry of the embeddings offered to it.
+    where
+        File or table ``found`` comes from, for the message.
+    """
+    if expected is None or found is None:
+        return
+    if geometry(**expected) != geometry(**found):
+        msg = (
+            f"{where}: embeddings were tiled at {describe_geometry(found)}, but {describe_geometry(expected)} "
+            "is required; embed with the same --target-mpp and --size, or rebuild from these embeddings"
+        )
+        raise GeometryMismatch(msg)

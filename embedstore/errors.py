@@ -6,6 +6,7 @@ __all__ = [
     "BadInput",
     "EmbedstoreError",
     "FingerprintMismatch",
+    "GeometryMismatch",
     "MissingDependency",
     "MissingWeights",
 ]
@@ -32,3 +33,7 @@ class MissingDependency(EmbedstoreError, ImportError):
 
 class FingerprintMismatch(EmbedstoreError):
     """Embeddings, an aligner or an index were made by different encoders or settings."""
+
+
+class GeometryMismatch(FingerprintMismatch):
+    """Embeddings were tiled at another µm/px, tile size or resampling than required."""
