@@ -10,18 +10,28 @@ status when any requested slide has no rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from embedstore._schema import Col
-from embedstore.errors import BadInput, EmbedstoreError
+from embedstore._atomic import disk_full, disk_full_errno
+from embedstore._params import validated
+from embedstore._schema import Col, describe_geometry, geometry
+from embedstore.errors import (
+    BadInput,
+    DamagedFile,
+    DiskFull,
+    EmbedstoreError,
+    FingerprintMismatch,
+    GeometryMismatch,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -126,6 +136,7 @@ def find_jobs(
     return jobs, cohort
 
 
+@validated
 def embed(
     data: str | Path,
     store: str | Path,
@@ -143,6 +154,7 @@ def embed(
     workers: int = 2,
     loader: str = "auto",
     progress: bool = True,
+    slide_ids: Sequence[str] | None = None,
 ) -> EmbedReport:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store.
 
@@ -178,6 +190,13 @@ def embed(
         ``"threads"``, ``"processes"`` or ``"auto"``; see :func:`iterate_batches`.
     progress
         Show a progress bar with tiles/s.
+    slide_ids
+        Embed only these slides (or ST sections) of ``data``; all by default.
+
+    A published slide file that is damaged (truncated, zeroed, empty, incomplete, or not
+    embedstore's) is not done: it is moved to ``STORE/_quarantine/`` with a warning and the
+    slide is embedded again. A slide stored with another encoder fingerprint or tile geometry
+    fails with a line naming both.
     """
     from embedstore.encoders import DEFAULT_ENCODER, create_encoder
     from embedstore.store import open_store
@@ -185,10 +204,17 @@ def embed(
     out = open_store(store, read_only=False)
     out.check_writable()  # fail before any compute
     jobs, default_cohort = find_jobs(data, mpp=mpp, mpp_csv=mpp_csv)
+    if slide_ids is not None:
+        unknown = sorted(set(slide_ids) - {j.slide_id for j in jobs})
+        if unknown:
+            msg = f"{data}: no slides {', '.join(unknown[:5])} here; check the ids (slide ids are file names without suffix)"
+            raise BadInput(msg)
+        jobs = [j for j in jobs if j.slide_id in set(slide_ids)]
     cohort = cohort or default_cohort
     enc = create_encoder(encoder or DEFAULT_ENCODER, weights=weights).to(device)
     target_mpp = target_mpp or enc.cfg.target_mpp
     meta = enc.metadata()
+    geom = geometry(target_mpp, size_px)
     LOG.info("embedding %d slide(s) of cohort %s with %s into %s", len(jobs), cohort, enc.name, out.root)
 
     results: dict[str, SlideResult] = {}
@@ -204,10 +230,23 @@ def embed(
         with out.lock_slide(enc.name, cohort, job.slide_id, blocking=blocking) as acquired:
             if not acquired:
                 return False
-            if out.slide_status(enc.name, cohort, job.slide_id) == "complete":
-                results[job.slide_id] = SlideResult(job.slide_id, "skipped", 0, 0.0, "already in the store")
-                return True
             try:
+                published = _published(job, out, meta, geom, cohort)
+                if published is not None:
+                    results[job.slide_id] = published
+                    return True
+                source = {
+                    "data": str(Path(data if job.spots is not None else job.path).resolve()),
+                    "kind": "st" if job.spots is not None else "slide",
+                    "cohort": cohort,
+                    "slide_id": job.slide_id,
+                    "mpp": job.mpp,
+                    "encoder": enc.name,
+                    "weights": weights,
+                    "target_mpp": target_mpp,
+                    "size_px": size_px,
+                    "min_tissue": min_tissue,
+                }
                 n = _embed_slide(
                     job,
                     out,
@@ -217,11 +256,17 @@ def embed(
                     (target_mpp, size_px, min_tissue),
                     (batch_size, workers, loader),
                     progress,
+                    source,
                 )
+            except DiskFull:
+                raise  # the machine's fault, not this slide's: every later slide would fail the same way
             except EmbedstoreError as e:
                 results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, str(e))
                 LOG.error("%s", e)
             except Exception as e:  # one broken slide must not stop the cohort; the summary names it
+                code = disk_full_errno(e)
+                if code is not None:  # a full disk met outside the store's writers stops the run too
+                    raise disk_full(out.root, code, 0) from e
                 LOG.exception("slide %s failed", job.slide_id)
                 reason = f"{job.path}: {type(e).__name__}: {e}"
                 results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, reason)
@@ -250,20 +295,59 @@ def _tile_table(job: SlideJob, slide: Any, target_mpp: float, size_px: int, min_
     )
 
 
+def _published(job: SlideJob, out: Any, meta: dict, geom: dict, cohort: str) -> SlideResult | None:
+    """The result of a slide already done (a valid published file of this encoder and geometry), else None.
+
+    A damaged published file is moved aside (never deleted) and the slide counts as not done;
+    staged parts left by a run killed after publishing are cleared; a section whose spots or
+    expression file is damaged or missing gets them rewritten without re-embedding.
+    """
+    try:
+        info = out.published_slide(meta["name"], cohort, job.slide_id)
+    except DamagedFile as e:
+        LOG.warning("%s: %s; moved it to %s and embedding the slide again", e.path, e.problem, out.quarantine(e.path))
+        return None
+    if info is None:
+        return None
+    if info.fingerprint != meta["fingerprint"]:
+        msg = (
+            f"{info.path}: the slide is stored with encoder fingerprint {info.fingerprint}, this run's encoder has "
+            f"{meta['fingerprint']}; embed into another store, or use the weights the store was embedded with"
+        )
+        raise FingerprintMismatch(msg)
+    if info.geometry != geom:
+        msg = (
+            f"{info.path}: the slide is stored tiled at {describe_geometry(info.geometry)}, this run tiles at "
+            f"{describe_geometry(geom)}; rerun with --target-mpp {info.geometry['mpp']} --size "
+            f"{info.geometry['size_px']}, or embed into another store"
+        )
+        raise GeometryMismatch(msg)
+    out.clear_stale_staging(meta["name"], cohort, job.slide_id)
+    damaged = out.damaged_section_files(cohort, job.slide_id) if job.spots is not None else []
+    if damaged:
+        for path, problem in damaged:
+            moved = f"; moved it to {out.quarantine(path)}" if path.exists() else ""
+            LOG.warning("%s: %s%s; writing the section's spots and expression again", path, problem, moved)
+        out.write_spots_anndata(cohort, job.slide_id, job.spots)
+        return SlideResult(job.slide_id, "done", info.num_rows, 0.0, "spots and expression rewritten")
+    return SlideResult(job.slide_id, "skipped", 0, 0.0, "already in the store")
+
+
 def _embed_slide(
     job: SlideJob,
     out: Any,
     enc: Any,
     meta: dict,
     cohort: str,
-    geometry: tuple[float, int, float],
+    tiling_args: tuple[float, int, float],
     reading: tuple[int, int, str],
     progress: bool,
+    source: dict[str, Any],
 ) -> int:
     """Embed the tiles of one slide that are not staged yet; publish the slide; return its tile count."""
     from embedstore import slides, tiling
 
-    target_mpp, size_px, min_tissue = geometry
+    target_mpp, size_px, min_tissue = tiling_args
     batch_size, workers, loader = reading
     with slides.open_slide(job.path, mpp=job.mpp, slide_id=job.slide_id) as slide:
         tiles = _tile_table(job, slide, target_mpp, size_px, min_tissue)
@@ -272,9 +356,11 @@ def _embed_slide(
         raise BadInput(msg)
     if job.spots is not None:
         out.write_spots_anndata(cohort, job.slide_id, job.spots)
-    writer = out.slide_writer(meta, cohort, job.slide_id)
-    done = writer.done_tile_ids()
     ids = tiles.column(Col.TILE_ID).to_pylist()
+    # The geometry, the tile count and the provenance go into every staged part and the
+    # published file: parts of another --target-mpp/--size are refused, not merged.
+    writer = out.slide_writer(meta, cohort, job.slide_id, geometry(target_mpp, size_px), len(ids), source)
+    done = writer.done_tile_ids()
     todo = np.array([i for i, t in enumerate(ids) if t not in done], dtype=np.int64)
     if len(done):
         LOG.info("%s: resuming, %d of %d tiles already staged", job.slide_id, len(ids) - len(todo), len(ids))
@@ -285,10 +371,11 @@ def _embed_slide(
         writer.append(tiles.take(pa.array(rows)), embeddings)
         bar(len(rows))
     bar(0, close=True)
-    writer.commit()
+    writer.commit(tile_ids=ids)
     return len(ids)
 
 
+@validated
 def iterate_batches(
     reader: Any,
     indices: np.ndarray,
@@ -328,9 +415,6 @@ def iterate_batches(
         for rows, tiles in iter_tile_batches(reader, batch_size=batch_size, workers=workers, indices=indices):
             yield rows, transform(tiles)
         return
-    if loader != "processes":
-        msg = f"loader={loader!r}: use 'auto', 'threads' or 'processes'"
-        raise BadInput(msg)
     from torch.utils.data import DataLoader
 
     data = DataLoader(
@@ -386,3 +470,113 @@ def _progress(total: int, label: str, enabled: bool) -> Callable[..., None]:
             bar.close()
 
     return update
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """What :func:`check_store` found, repaired, and left."""
+
+    store: Path
+    n_files: int
+    found: list[str]  # one line per problem found
+    repaired: list[str]  # one line per repair made
+    remaining: list[str]  # problems still there
+    notes: list[str]  # facts that are not problems (partial slides, quarantined files)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem remains."""
+        return not self.remaining
+
+    def summary(self) -> str:
+        """One line: files checked, problems found, repaired and left."""
+        text = f"{self.n_files} files checked, {len(self.found)} problem(s) found"
+        if self.repaired:
+            text += f", {len(self.repaired)} repair(s) made"
+        if self.remaining:
+            text += f", {len(self.remaining)} remain"
+            if not self.repaired:
+                text += f"; `embedstore check {self.store} --repair` repairs them"
+        return text
+
+
+def check_store(store: str | Path, repair: bool = False, *, device: str = "auto", workers: int = 2) -> CheckReport:
+    """Verify every file of a store (like ``git fsck``) and, with ``repair``, rebuild what is damaged.
+
+    Every slide file, staged batch, spots and expression file is read completely (page
+    CRCs included). Repair moves damaged or foreign files to ``STORE/_quarantine/`` (never
+    deletes them), removes staging left by runs killed after publishing, and re-embeds
+    damaged slides (and rewrites damaged spots/expression) from the source and settings
+    recorded when they were embedded.
+
+    Parameters
+    ----------
+    store
+        Store folder.
+    repair
+        Repair what can be repaired; otherwise only report.
+    device, workers
+        Passed to :func:`embed` when slides are re-embedded.
+    """
+    from embedstore.store import open_store, verify_store
+
+    st = open_store(store, read_only=not repair)
+    before = verify_store(st)
+    found = [p.line() for p in before.problems]
+    if not repair:
+        return CheckReport(st.root, before.n_files, found, [], list(found), before.notes)
+    repaired: list[str] = []
+    left: list[str] = []
+    todo: dict[tuple, list[str]] = {}  # embed settings -> slide ids to embed with them
+    for p in before.problems:
+        lock = (p.encoder, p.cohort, p.slide_id) if p.encoder else None
+        with st.lock_slide(*lock, blocking=False) if lock else _no_lock() as acquired:
+            if not acquired:
+                left.append(f"{p.path}: being written by another run; check again when it ends")
+                continue
+            if p.kind == "staging":
+                if st.clear_stale_staging(p.encoder, p.cohort, p.slide_id):
+                    repaired.append(f"{p.path}: removed (the slide is published)")
+                continue
+            if p.path.exists():
+                repaired.append(f"{p.path}: moved to {st.quarantine(p.path)}")
+        if p.kind == "stray":
+            continue
+        sources = [st.slide_source(p.encoder, p.cohort, p.slide_id)] if p.encoder else st.sources(p.cohort, p.slide_id)
+        sources = [s for s in sources if s]
+        if not sources:
+            left.append(
+                f"{p.path}: where the slide was embedded from is not recorded (an older embedstore); "
+                f"embed slide {p.slide_id} again with `embedstore embed SOURCE --store {st.root} --cohort {p.cohort}`"
+            )
+            continue
+        src = sources[0]
+        if not Path(src["data"]).exists():
+            left.append(f"{p.path}: its source {src['data']} is gone; embed slide {p.slide_id} again from where it is now")
+            continue
+        key = tuple(src.get(k) for k in ("data", "cohort", "encoder", "weights", "mpp", "target_mpp", "size_px", "min_tissue"))
+        todo.setdefault(key, []).append(src["slide_id"])
+    for (data, cohort, encoder, weights, mpp, target_mpp, size_px, min_tissue), slide_ids in todo.items():
+        try:
+            report = embed(
+                data, st.root, encoder, weights=weights, cohort=cohort, mpp=mpp, target_mpp=target_mpp,
+                size_px=size_px, min_tissue=min_tissue, device=device, workers=workers, progress=False,
+                slide_ids=sorted(set(slide_ids)),
+            )  # fmt: skip
+        except EmbedstoreError as e:
+            left.append(f"{data}: re-embedding failed: {e}")
+            continue
+        for r in report.results:
+            if r.status == "failed":
+                left.append(f"{data}: slide {r.slide_id} could not be re-embedded: {r.reason}")
+            elif r.status == "done":
+                repaired.append(f"slide {r.slide_id} of cohort {cohort}: re-embedded from {data} ({r.reason or f'{r.n_tiles} tiles'})")
+    after = verify_store(st)
+    remaining = [p.line() for p in after.problems] + left
+    return CheckReport(st.root, before.n_files, found, repaired, remaining, after.notes)
+
+
+@contextlib.contextmanager
+def _no_lock() -> Iterator[bool]:
+    """Spots and expression are written under the embedding slide lock of the run that writes them; nothing to hold."""
+    yield True

@@ -6,11 +6,14 @@ Layout of a store folder::
     spots/cohort=<c>/slide_id=<s>/spots.parquet                    ST spots
     expression/cohort=<c>/slide_id=<s>/expression.parquet          nonzero counts, long form
     _staging/...   batches of slides being embedded (never read by queries)
+    _sources/...   where each slide was embedded from, for `embedstore check --repair`
+    _quarantine/.. damaged or foreign files moved aside (never deleted)
     _locks/...     flock files, one per slide and encoder
 """
 
 from __future__ import annotations
 
+from embedstore.store._check import Problem, StoreCheck, verify_store
 from embedstore.store._store import SlideWriter, Store, check_writable, open_store, sql
 
-__all__ = ["SlideWriter", "Store", "check_writable", "open_store", "sql"]
+__all__ = ["Problem", "SlideWriter", "Store", "StoreCheck", "check_writable", "open_store", "sql", "verify_store"]

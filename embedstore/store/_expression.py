@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from embedstore._schema import META_GENES, Col, expression_schema, spots_schema
-from embedstore.errors import BadInput
+from embedstore.errors import BadInput, DamagedFile
 from embedstore.store._files import write_parquet_atomic
+from embedstore.store._integrity import READ_ERRORS, first_line, inspect_table_file, repair_hint
 
 LOG = logging.getLogger(__name__)
 
@@ -111,9 +112,30 @@ def spot_tables(
 def write_section(root: Path, staging: Path, spots: pa.Table, expr: pa.Table, cohort: str, slide_id: str) -> None:
     """Write one section's expression, then its spots (the spots file marks it present)."""
     part = Path(f"cohort={cohort}") / f"slide_id={slide_id}"
-    opts = {"compression": "zstd", "data_page_version": "2.0"}
+    opts = {"compression": "zstd", "data_page_version": "2.0", "write_page_checksum": True}
     write_parquet_atomic(expr, root / "expression" / part / EXPRESSION_FILE, tmp_dir=staging, **opts)
     write_parquet_atomic(spots, root / "spots" / part / SPOTS_FILE, tmp_dir=staging, **opts)
+
+
+def section_files(root: Path) -> list[tuple[str, str, Path, Path]]:
+    """``(cohort, slide_id, spots path, expression path)`` of every section folder holding either file."""
+    found: dict[tuple[str, str], None] = {}
+    for sub, name in (("spots", SPOTS_FILE), ("expression", EXPRESSION_FILE)):
+        for p in sorted((root / sub).glob(f"cohort=*/slide_id=*/{name}")):
+            found[(p.parent.parent.name.split("=", 1)[1], p.parent.name.split("=", 1)[1])] = None
+    out = []
+    for cohort, slide_id in found:
+        part = Path(f"cohort={cohort}") / f"slide_id={slide_id}"
+        out.append((cohort, slide_id, root / "spots" / part / SPOTS_FILE, root / "expression" / part / EXPRESSION_FILE))
+    return out
+
+
+def inspect_sections(root: Path, fix: str) -> None:
+    """Cheap check of every spots and expression file (footer, schema, metadata); raises :class:`DamagedFile`."""
+    for _, _, spots_path, expr_path in section_files(root):
+        for path, kind in ((spots_path, "spots"), (expr_path, "expression")):
+            if path.is_file():
+                inspect_table_file(path, kind, fix)
 
 
 def read_sections(
@@ -129,15 +151,23 @@ def read_sections(
         if not spots_path.is_file() or not expr_path.is_file():
             msg = f"{spots_path}: no spots/expression stored for slide {slide_id} of cohort {cohort}; write_spots first"
             raise BadInput(msg)
-        obs_parts.append(pq.read_table(spots_path, partitioning=None))
-        meta = pq.read_schema(expr_path).metadata or {}
-        section_genes = json.loads(meta.get(META_GENES.encode(), b"[]"))
-        table = pq.read_table(
-            expr_path,
-            columns=[Col.SPOT_ID, Col.GENE, Col.COUNT],
-            read_dictionary=[Col.SPOT_ID, Col.GENE],
-            partitioning=None,
-        )
+        fix = repair_hint(root)
+        inspect_table_file(spots_path, "spots", fix)
+        meta = inspect_table_file(expr_path, "expression", fix).metadata or {}
+        section_genes = json.loads(meta[META_GENES.encode()])
+        path = spots_path
+        try:
+            obs_parts.append(pq.read_table(spots_path, partitioning=None, page_checksum_verification=True))
+            path = expr_path
+            table = pq.read_table(
+                expr_path,
+                columns=[Col.SPOT_ID, Col.GENE, Col.COUNT],
+                read_dictionary=[Col.SPOT_ID, Col.GENE],
+                partitioning=None,
+                page_checksum_verification=True,
+            )
+        except READ_ERRORS as e:
+            raise DamagedFile(path, f"unreadable data ({first_line(e)})", fix) from e
         exprs.append((table, section_genes))
 
     if genes is None:

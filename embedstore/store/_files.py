@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedstore._atomic import atomic_file
+from embedstore._atomic import fsync_dir as fsync_dir  # used by the store's own renames
 from embedstore._schema import Col
 from embedstore.errors import BadInput
 
@@ -60,7 +62,9 @@ def write_options(schema: pa.Schema, vector_col: str | None = Col.EMBEDDING) -> 
     """Keyword arguments of ``pq.write_table`` for a table with one vector column."""
     names = [n for n in schema.names if n != vector_col]
     compression: dict[str, str] = dict.fromkeys(names, "zstd")
-    opts: dict[str, Any] = {"data_page_version": "2.0", "data_page_size": DATA_PAGE_SIZE}
+    # Page CRCs let `embedstore check` find pages zeroed or overwritten under an intact footer;
+    # read_vectors_into skips the CRC field, so the fast path is unchanged.
+    opts: dict[str, Any] = {"data_page_version": "2.0", "data_page_size": DATA_PAGE_SIZE, "write_page_checksum": True}
     if vector_col is not None and vector_col in schema.names:
         compression[_leaf_path(schema, vector_col)] = "none"
         opts["use_dictionary"] = [n for n in names if pa.types.is_string(schema.field(n).type)]
@@ -69,22 +73,14 @@ def write_options(schema: pa.Schema, vector_col: str | None = Col.EMBEDDING) -> 
     return opts
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (a rename or a new file) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_parquet_atomic(
     table: pa.Table, dest: Path, tmp_dir: Path | None = None, row_group_size: int | None = None, **options: Any
 ) -> Path:
     """Write ``table`` to ``dest`` so that a reader sees the whole file or none.
 
-    The bytes go to a temporary file (in ``tmp_dir``, default ``dest``'s folder), are fsynced,
-    then ``os.replace``d onto ``dest`` and the folder is fsynced.
+    The bytes go to a uniquely named temporary file (in ``tmp_dir``, default ``dest``'s
+    folder), are fsynced, then ``os.replace``d onto ``dest`` and the folder is fsynced
+    (:func:`embedstore._atomic.atomic_file`).
 
     Parameters
     ----------
@@ -99,21 +95,15 @@ def write_parquet_atomic(
         Rows per row group (pyarrow's default when ``None``).
     **options
         Passed to ``pyarrow.parquet.write_table``.
+
+    Raises
+    ------
+    DiskFull
+        The disk or the file-size limit ran out; no temporary file is left and ``dest`` is untouched.
     """
     dest = Path(dest)
-    tmp_dir = Path(tmp_dir) if tmp_dir is not None else dest.parent
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f".{dest.name}.tmp-{os.getpid()}"
-    try:
-        with tmp.open("wb") as f:
-            pq.write_table(table, f, row_group_size=row_group_size, **options)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
+    with atomic_file(dest, tmp_dir=tmp_dir, size_hint=table.nbytes) as tmp, tmp.open("wb") as f:
+        pq.write_table(table, f, row_group_size=row_group_size, **options)
     return dest
 
 
@@ -235,6 +225,9 @@ def _page_header(fd: int, offset: int) -> tuple[dict[int, Any], int]:
         buf = os.pread(fd, size, offset)
         try:
             return _struct(buf, 0)
+        except RecursionError as e:  # garbage bytes read as deeply nested structs
+            msg = "page header"
+            raise NotPlain(msg) from e
         except IndexError:
             if len(buf) < size:
                 break
@@ -280,8 +273,8 @@ def read_vectors_into(
                 if h.get(1) != _DATA_PAGE_V2 or v2 is None or v2.get(4) != _PLAIN or v2.get(2, 0) != 0:
                     msg = "page"
                     raise NotPlain(msg)
-                n = v2[1]
-                if pos + n > flat.size:
+                n = v2.get(1, 0)
+                if n <= 0 or pos + n > flat.size or h.get(3, 0) <= 0:
                     msg = "size"
                     raise NotPlain(msg)
                 body = off + hlen + v2.get(5, 0) + v2.get(6, 0)
@@ -309,8 +302,3 @@ def vectors_from_arrow(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
         values = values.slice(col.offset * dim, len(col) * dim)
     arr = values.to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(arr, dtype=np.float32).reshape(len(col), dim)
-
-
-def read_table_columns(path: Path, columns: Sequence[str]) -> pa.Table:
-    """Read some columns of one Parquet file (no Hive partition discovery)."""
-    return pq.read_table(path, columns=list(columns), partitioning=None)

@@ -16,49 +16,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedstore._schema import (
-    META_ENCODER,
-    META_SCHEMA_VERSION,
-    SCHEMA_VERSION,
     Col,
     check_fingerprint,
+    check_geometry,
     embedding_schema,
-    tile_schema,
 )
-from embedstore.errors import BadInput
+from embedstore._schema import geometry as make_geometry
+from embedstore.errors import BadInput, DamagedFile
 from embedstore.store import _catalog, _expression
 from embedstore.store._files import (
     NotPlain,
     check_name,
     file_lock,
-    fsync_dir,
     lock_holder,
-    read_table_columns,
     read_vectors_into,
-    row_group_rows,
     vectors_from_arrow,
-    write_options,
-    write_parquet_atomic,
 )
+from embedstore.store._integrity import (
+    READ_ERRORS,
+    SlideFile,
+    first_line,
+    inspect_slide_file,
+    inspect_table_file,
+    quarantine,
+    read_all,
+    repair_hint,
+)
+from embedstore.store._writer import SLIDE_FILE, SOURCES, SlideWriter, slide_dir, source_file
 
 LOG = logging.getLogger(__name__)
 
-SLIDE_FILE = "tiles.parquet"
-Status = Literal["complete", "partial", "absent"]
-
-
-def _slide_dir(encoder: str, cohort: str, slide_id: str) -> Path:
-    return Path(f"encoder={encoder}") / f"cohort={cohort}" / f"slide_id={slide_id}"
-
-
-def _file_meta(path: Path, schema: pa.Schema | None = None) -> dict[str, Any]:
-    """Encoder metadata of one embedding file; checks the schema version."""
-    schema = schema if schema is not None else pq.read_schema(path)
-    meta = schema.metadata or {}
-    version = meta.get(META_SCHEMA_VERSION.encode(), b"").decode()
-    if version != SCHEMA_VERSION:
-        msg = f"{path}: embedstore schema version {version or 'missing'}, this embedstore reads {SCHEMA_VERSION}; re-embed or upgrade embedstore"
-        raise BadInput(msg)
-    return json.loads(meta.get(META_ENCODER.encode(), b"{}"))
+Status = Literal["complete", "damaged", "partial", "absent"]
 
 
 def check_writable(root: str | Path) -> Path:
@@ -73,136 +61,6 @@ def check_writable(root: str | Path) -> Path:
         msg = f"{root}: not writable ({e.strerror}); choose another store folder or fix its permissions"
         raise BadInput(msg) from e
     return root
-
-
-class SlideWriter:
-    """Stage the embeddings of one slide batch by batch, then publish them as one file.
-
-    Use it while holding :meth:`Store.lock_slide`. Each :meth:`append` writes one durable
-    part under ``STORE/_staging`` (outside the tree readers glob); :meth:`commit` merges the
-    parts (and an earlier published file, if any) into ``embeddings/.../tiles.parquet``
-    with one atomic rename, then removes the staging folder.
-    """
-
-    def __init__(self, store: Store, encoder_meta: dict[str, Any], cohort: str, slide_id: str) -> None:
-        for key in ("name", "fingerprint"):
-            if not encoder_meta.get(key):
-                msg = f"encoder metadata: missing {key!r}; pass Encoder.metadata() (name, family, cfg, fingerprint)"
-                raise BadInput(msg)
-        self.store = store
-        self.meta = dict(encoder_meta)
-        self.encoder = check_name(str(encoder_meta["name"]), "encoder name")
-        self.cohort = check_name(cohort, "cohort")
-        self.slide_id = check_name(slide_id, "slide id")
-        rel = _slide_dir(self.encoder, cohort, slide_id)
-        self.final = store.root / "embeddings" / rel / SLIDE_FILE
-        self.staging = store.root / "_staging" / rel
-        self._dim: int | None = None
-        if self.final.is_file() and self.staging.is_dir() and not self._parts():
-            # Crash between publish and cleanup: the slide is complete, drop the leftovers.
-            shutil.rmtree(self.staging, ignore_errors=True)
-        for path in self._sources():
-            schema = pq.read_schema(path)
-            check_fingerprint(self.meta["fingerprint"], _file_meta(path, schema).get("fingerprint", ""), str(path))
-            self._dim = schema.field(Col.EMBEDDING).type.list_size
-
-    def _parts(self) -> list[Path]:
-        return sorted(self.staging.glob("part-*.parquet")) if self.staging.is_dir() else []
-
-    def _sources(self) -> list[Path]:
-        return ([self.final] if self.final.is_file() else []) + self._parts()
-
-    def done_tile_ids(self) -> set[str]:
-        """Tile ids already published or staged by an earlier (possibly crashed) run."""
-        done: set[str] = set()
-        for path in self._sources():
-            done.update(read_table_columns(path, [Col.TILE_ID]).column(0).to_pylist())
-        return done
-
-    def append(self, tiles: pa.Table, embeddings: np.ndarray) -> None:
-        """Stage one batch durably and atomically.
-
-        Parameters
-        ----------
-        tiles
-            Rows of a tile table (:func:`embedstore._schema.tile_schema`) of this slide.
-        embeddings
-            ``(len(tiles), dim)`` finite floats, one row per tile.
-        """
-        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
-        where = f"{self.encoder}/{self.cohort}/{self.slide_id}"
-        if emb.ndim != 2 or emb.shape[0] != tiles.num_rows:
-            msg = f"{where}: embeddings have shape {emb.shape}, expected ({tiles.num_rows}, dim); one row per tile"
-            raise BadInput(msg)
-        if self._dim is not None and emb.shape[1] != self._dim:
-            msg = f"{where}: embeddings have dim {emb.shape[1]}, the slide already holds dim {self._dim}; use one encoder per writer"
-            raise BadInput(msg)
-        if not np.isfinite(emb).all():
-            msg = f"{where}: embeddings contain NaN or inf; check the encoder's precision settings"
-            raise BadInput(msg)
-        missing = [n for n in tile_schema().names if n not in tiles.column_names and n != Col.PADDED]
-        if missing:
-            msg = f"{where}: tile table lacks columns {missing}; pass a table of tile_schema()"
-            raise BadInput(msg)
-        slides = set(tiles.column(Col.SLIDE_ID).unique().to_pylist())
-        if slides - {self.slide_id}:
-            msg = f"{where}: tile table holds slides {sorted(slides)}; append only tiles of slide {self.slide_id}"
-            raise BadInput(msg)
-        self._dim = emb.shape[1]
-        n = tiles.num_rows
-        cols: dict[str, Any] = {Col.COHORT: pa.array([self.cohort] * n, pa.string())}
-        for f in tile_schema():
-            if f.name in tiles.column_names:
-                cols[f.name] = tiles.column(f.name).cast(f.type)
-            else:
-                cols[f.name] = pa.array([False] * n, pa.bool_())
-        cols[Col.ENCODER] = pa.array([self.encoder] * n, pa.string())
-        cols[Col.FINGERPRINT] = pa.array([self.meta["fingerprint"]] * n, pa.string())
-        cols[Col.EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-        schema = embedding_schema(emb.shape[1], self.meta)
-        table = pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
-        parts = self._parts()
-        index = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-        dest = self.staging / f"part-{index:06d}.parquet"
-        write_parquet_atomic(table, dest, row_group_size=row_group_rows(emb.shape[1]), **write_options(schema))
-
-    def commit(self) -> Path:
-        """Publish the slide's file atomically (rows sorted by y, x, tile id) and clean the staging."""
-        sources = self._sources()
-        if not sources:
-            msg = f"{self.encoder}/{self.cohort}/{self.slide_id}: nothing to commit; append embeddings first"
-            raise BadInput(msg)
-        parts = self._parts()
-        if not parts:  # already published by an earlier run
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return self.final
-        table = pa.concat_tables([pq.read_table(p, partitioning=None) for p in sources])
-        ids = np.asarray(table.column(Col.TILE_ID).to_pylist(), dtype=object)
-        # A tile staged twice (a batch retried after an ambiguous crash) keeps its first row.
-        _, first = np.unique(ids, return_index=True)
-        x = table.column(Col.X).to_numpy()[first]
-        y = table.column(Col.Y).to_numpy()[first]
-        order = first[np.lexsort((ids[first].astype(str), x, y))]
-        if len(sources) == 1 and len(order) == table.num_rows and (order == np.arange(len(order))).all():
-            # One staged part already in final order: publish it as it is (same writer options).
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            sources[0].replace(self.final)
-            fsync_dir(self.final.parent)
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return self.final
-        table = table.take(pa.array(order))
-        schema = embedding_schema(self._dim or 0, self.meta)
-        table = table.replace_schema_metadata(schema.metadata)
-        write_parquet_atomic(
-            table,
-            self.final,
-            tmp_dir=self.staging,
-            row_group_size=row_group_rows(self._dim or 1),
-            **write_options(schema),
-        )
-        shutil.rmtree(self.staging, ignore_errors=True)
-        LOG.info("published %s (%d tiles)", self.final, table.num_rows)
-        return self.final
 
 
 class Store:
@@ -231,16 +89,117 @@ class Store:
         self._need_writable("write")
         check_writable(self.root)
 
-    def slide_status(self, encoder: str, cohort: str, slide_id: str) -> Status:
-        """``"complete"`` (published), ``"partial"`` (staged batches only) or ``"absent"``."""
-        rel = _slide_dir(
+    def _rel(self, encoder: str, cohort: str, slide_id: str) -> Path:
+        return slide_dir(
             check_name(encoder, "encoder name"), check_name(cohort, "cohort"), check_name(slide_id, "slide id")
         )
+
+    def slide_status(self, encoder: str, cohort: str, slide_id: str) -> Status:
+        """``"complete"`` (a valid published file), ``"damaged"`` (a published file that fails
+        :meth:`published_slide`), ``"partial"`` (staged batches only) or ``"absent"``."""
+        rel = self._rel(encoder, cohort, slide_id)
         if (self.root / "embeddings" / rel / SLIDE_FILE).is_file():
+            try:
+                self.published_slide(encoder, cohort, slide_id)
+            except DamagedFile:
+                return "damaged"
             return "complete"
         if any((self.root / "_staging" / rel).glob("part-*.parquet")):
             return "partial"
         return "absent"
+
+    def published_slide(self, encoder: str, cohort: str, slide_id: str) -> SlideFile | None:
+        """The footer of a slide's published file (``None`` when there is none), checked cheaply.
+
+        Raises
+        ------
+        DamagedFile
+            The file is truncated, zeroed, empty, incomplete or not an embedstore embedding file.
+        """
+        path = self.root / "embeddings" / self._rel(encoder, cohort, slide_id) / SLIDE_FILE
+        return inspect_slide_file(path, repair_hint(self.root)) if path.is_file() else None
+
+    def quarantine(self, path: str | Path) -> Path:
+        """Move a damaged or foreign file to ``STORE/_quarantine/<time>/...`` (never deleted); return where."""
+        self._need_writable("move files aside")
+        return quarantine(self.root, Path(path))
+
+    def slide_source(self, encoder: str, cohort: str, slide_id: str) -> dict[str, Any] | None:
+        """Where a slide was embedded from and with which settings (recorded by ``embed``), or ``None``."""
+        rel = self._rel(encoder, cohort, slide_id)
+        path = source_file(self.root, rel)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):  # the sidecar is gone: a readable footer still says it
+            try:
+                info = self.published_slide(encoder, cohort, slide_id)
+            except (DamagedFile, BadInput):
+                return None
+            doc = info.source if info is not None else None
+        return doc
+
+    def damaged_section_files(self, cohort: str, slide_id: str) -> list[tuple[Path, str]]:
+        """``(file, problem)`` for an ST section's spots and expression files that are missing or fail the cheap check."""
+        part = Path(f"cohort={check_name(cohort, 'cohort')}") / f"slide_id={check_name(slide_id, 'slide id')}"
+        out = []
+        for sub, name, kind in (
+            ("spots", _expression.SPOTS_FILE, "spots"),
+            ("expression", _expression.EXPRESSION_FILE, "expression"),
+        ):
+            path = self.root / sub / part / name
+            if not path.is_file():
+                out.append((path, "missing"))
+                continue
+            try:
+                inspect_table_file(path, kind, repair_hint(self.root))
+            except DamagedFile as e:
+                out.append((path, e.problem))
+        return out
+
+    def sources(self, cohort: str, slide_id: str) -> list[dict[str, Any]]:
+        """Provenance recorded for a slide by every encoder that embedded it (see :meth:`slide_source`)."""
+        found = []
+        for d in sorted((self.root / SOURCES).glob("encoder=*")):
+            doc = self.slide_source(d.name.split("=", 1)[1], cohort, slide_id)
+            if doc is not None:
+                found.append(doc)
+        return found
+
+    def stale_staging(self, encoder: str, cohort: str, slide_id: str) -> bool:
+        """True when a published, valid slide still has a staging folder whose tiles are all published."""
+        rel = self._rel(encoder, cohort, slide_id)
+        staging, final = self.root / "_staging" / rel, self.root / "embeddings" / rel / SLIDE_FILE
+        if not staging.is_dir() or not final.is_file():
+            return False
+        fix = repair_hint(self.root)
+        try:
+            inspect_slide_file(final, fix)
+            published = set(read_all(final, fix, [Col.TILE_ID]).column(0).to_pylist())
+            staged: set[str] = set()
+            for p in sorted(staging.glob("part-*.parquet")):
+                staged.update(read_all(p, fix, [Col.TILE_ID]).column(0).to_pylist())
+        except DamagedFile:
+            return False
+        if not staged <= published:
+            LOG.warning("%s: staged tiles that are not in %s; left in place", staging, final)
+            return False
+        return True
+
+    def clear_stale_staging(self, encoder: str, cohort: str, slide_id: str) -> bool:
+        """Remove a published slide's staging folder when every tile staged there is in the published file.
+
+        A run killed between publishing a slide and removing its staged parts leaves them
+        behind; the next run (or ``embedstore check --repair``) clears them with this. Hold
+        :meth:`lock_slide`. Returns whether anything was removed.
+        """
+        if not self.stale_staging(encoder, cohort, slide_id):
+            return False
+        staging = self.root / "_staging" / self._rel(encoder, cohort, slide_id)
+        shutil.rmtree(staging, ignore_errors=True)
+        LOG.info("%s: removed the staging left by a run killed after publishing", staging)
+        return True
 
     @contextlib.contextmanager
     def lock_slide(self, encoder: str, cohort: str, slide_id: str, blocking: bool = True) -> Iterator[bool]:
@@ -250,7 +209,7 @@ class Store:
         holding process exits or is killed, so no stale lock survives a crash.
         """
         self._need_writable("lock a slide")
-        rel = _slide_dir(
+        rel = slide_dir(
             check_name(encoder, "encoder name"), check_name(cohort, "cohort"), check_name(slide_id, "slide id")
         )
         path = self.root / "_locks" / rel.with_suffix(".lock")
@@ -259,10 +218,33 @@ class Store:
                 LOG.info("%s: held by another run (%s)", path, lock_holder(path) or "unknown")
             yield acquired
 
-    def slide_writer(self, encoder_meta: dict[str, Any], cohort: str, slide_id: str) -> SlideWriter:
-        """A :class:`SlideWriter` for one slide and encoder (hold :meth:`lock_slide` while using it)."""
+    def slide_writer(
+        self,
+        encoder_meta: dict[str, Any],
+        cohort: str,
+        slide_id: str,
+        geometry: dict[str, Any] | None = None,
+        n_tiles: int | None = None,
+        source: dict[str, Any] | None = None,
+    ) -> SlideWriter:
+        """A :class:`SlideWriter` for one slide and encoder (hold :meth:`lock_slide` while using it).
+
+        Parameters
+        ----------
+        encoder_meta
+            ``Encoder.metadata()`` (name, family, cfg, fingerprint).
+        cohort, slide_id
+            Where the slide goes.
+        geometry
+            Tile geometry (:func:`embedstore._schema.geometry`); default: that of earlier
+            staged batches, else of the first appended tiles.
+        n_tiles
+            The slide's tile count; the slide is published only when all are embedded.
+        source
+            JSON-able provenance (source path and settings) recorded for ``embedstore check --repair``.
+        """
         self._need_writable("write embeddings")
-        return SlideWriter(self, encoder_meta, cohort, slide_id)
+        return SlideWriter(self, encoder_meta, cohort, slide_id, geometry, n_tiles, source)
 
     def write_spots(
         self,
@@ -344,9 +326,17 @@ class Store:
             raise BadInput(msg)
         return files
 
-    def encoder_metadata(self, encoder: str) -> dict[str, Any]:
-        """The encoder metadata (name, family, cfg, fingerprint) stored with its embeddings."""
-        return _file_meta(self._slide_files(encoder, None, None)[0])
+    def encoder_metadata(
+        self, encoder: str, cohort: str | Sequence[str] | None = None, slide_ids: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """The encoder metadata (name, family, cfg, fingerprint) stored with its embeddings, and
+        their tile ``"geometry"`` (:func:`embedstore._schema.geometry`).
+
+        Read from the first file of the selection (``cohort``, ``slide_ids``; all by default):
+        cohorts of one store may be tiled at different geometries.
+        """
+        info = inspect_slide_file(self._slide_files(encoder, cohort, slide_ids)[0], repair_hint(self.root))
+        return {**info.encoder, "geometry": info.geometry}
 
     def read_embeddings(
         self,
@@ -355,6 +345,7 @@ class Store:
         slide_ids: Sequence[str] | None = None,
         columns: Sequence[str] | None = None,
         fingerprint: str | None = None,
+        geometry: dict[str, Any] | None = None,
     ) -> tuple[pa.Table, np.ndarray]:
         """Bulk-read the embeddings of a selection into one ``(N, D)`` float32 array.
 
@@ -370,24 +361,30 @@ class Store:
             Metadata columns to return (default: every column but the embedding).
         fingerprint
             Required encoder fingerprint; default: that of the first file.
+        geometry
+            Required tile geometry (:func:`embedstore._schema.geometry`); default: that of the first file.
 
         Returns
         -------
         The metadata table and the embeddings, row-aligned. Raises
-        :class:`~embedstore.errors.FingerprintMismatch` if the files disagree.
+        :class:`~embedstore.errors.FingerprintMismatch` (or its subclass
+        :class:`~embedstore.errors.GeometryMismatch`) if the files disagree, and
+        :class:`~embedstore.errors.DamagedFile` naming a file that cannot be read.
         """
-        files, metas, dim, cols = self._checked_files(encoder, cohort, slide_ids, columns, fingerprint)
+        files, metas, dim, cols = self._checked_files(encoder, cohort, slide_ids, columns, fingerprint, geometry)
         out = np.empty((sum(md.num_rows for md in metas), dim), dtype=np.float32)
         tables = []
         start = 0
         for path, md in zip(files, metas, strict=True):
             stop = start + md.num_rows
-            try:
-                read_vectors_into(path, md, Col.EMBEDDING, out[start:stop])
-            except NotPlain as e:  # written by another tool: let pyarrow decode it
-                LOG.debug("%s: generic read (%s)", path, e)
-                out[start:stop] = vectors_from_arrow(read_table_columns(path, [Col.EMBEDDING]).column(0), dim)
-            tables.append(read_table_columns(path, cols))
+            with self._reading(path):
+                try:
+                    read_vectors_into(path, md, Col.EMBEDDING, out[start:stop])
+                except NotPlain as e:  # written by another tool (or damaged pages): let pyarrow decode it
+                    LOG.debug("%s: generic read (%s)", path, e)
+                    col = read_all(path, repair_hint(self.root), [Col.EMBEDDING]).column(0)
+                    out[start:stop] = vectors_from_arrow(col, dim)
+                tables.append(read_all(path, repair_hint(self.root), cols))
             start = stop
         return pa.concat_tables(tables), out
 
@@ -398,21 +395,32 @@ class Store:
         slide_ids: Sequence[str] | None = None,
         columns: Sequence[str] | None = None,
         fingerprint: str | None = None,
+        geometry: dict[str, Any] | None = None,
     ) -> Iterator[tuple[pa.Table, np.ndarray]]:
         """Like :meth:`read_embeddings`, one row group at a time (about 64 MiB of vectors).
 
         Memory stays bounded however large a slide is; each chunk belongs to one slide.
         """
-        files, metas, dim, cols = self._checked_files(encoder, cohort, slide_ids, columns, fingerprint)
+        files, metas, dim, cols = self._checked_files(encoder, cohort, slide_ids, columns, fingerprint, geometry)
         for path, md in zip(files, metas, strict=True):
-            handle = pq.ParquetFile(path)
             for rg in range(md.num_row_groups):
                 out = np.empty((md.row_group(rg).num_rows, dim), dtype=np.float32)
-                try:
-                    read_vectors_into(path, md, Col.EMBEDDING, out, row_groups=[rg])
-                except NotPlain:  # written by another tool: let pyarrow decode it
-                    out = vectors_from_arrow(handle.read_row_group(rg, columns=[Col.EMBEDDING]).column(0), dim)
-                yield handle.read_row_group(rg, columns=cols), out
+                with self._reading(path):
+                    handle = pq.ParquetFile(path, page_checksum_verification=True)
+                    try:
+                        read_vectors_into(path, md, Col.EMBEDDING, out, row_groups=[rg])
+                    except NotPlain:  # written by another tool (or damaged pages): let pyarrow decode it
+                        out = vectors_from_arrow(handle.read_row_group(rg, columns=[Col.EMBEDDING]).column(0), dim)
+                    meta = handle.read_row_group(rg, columns=cols)
+                yield meta, out
+
+    @contextlib.contextmanager
+    def _reading(self, path: Path) -> Iterator[None]:
+        """Turn pyarrow's errors on unreadable pages into one :class:`DamagedFile` line."""
+        try:
+            yield
+        except READ_ERRORS as e:
+            raise DamagedFile(path, f"unreadable data ({first_line(e)})", repair_hint(self.root)) from e
 
     def _checked_files(
         self,
@@ -421,29 +429,34 @@ class Store:
         slide_ids: Sequence[str] | None,
         columns: Sequence[str] | None,
         fingerprint: str | None,
+        geometry: dict[str, Any] | None = None,
     ) -> tuple[list[Path], list[Any], int, list[str]]:
         """Selected files, their metadata, the common dim and the metadata columns to read.
 
-        Every file must carry ``fingerprint`` (default: the first file's) and the same dim.
+        Every file must pass the cheap checks and carry ``fingerprint`` and ``geometry``
+        (default: the first file's) and the same dim.
         """
         files = self._slide_files(encoder, cohort, slide_ids)
-        metas = [pq.read_metadata(p) for p in files]
-        expected = fingerprint
+        fix = repair_hint(self.root)
+        infos = [inspect_slide_file(p, fix) for p in files]
+        expected = fingerprint if fingerprint is not None else infos[0].fingerprint
+        geom = make_geometry(**geometry) if geometry is not None else infos[0].geometry
         dim = None
-        for path, md in zip(files, metas, strict=True):
-            schema = md.schema.to_arrow_schema()
-            found = _file_meta(path, schema).get("fingerprint", "")
-            if expected is None:
-                expected = found
-            check_fingerprint(expected, found, str(path))
-            d = schema.field(Col.EMBEDDING).type.list_size
-            if dim is not None and d != dim:
-                msg = f"{path}: embeddings of dim {d}, earlier files have {dim}; re-embed the slide"
+        for info in infos:
+            check_fingerprint(expected, info.fingerprint, str(info.path))
+            check_geometry(geom, info.geometry, str(info.path))
+            if dim is not None and info.dim != dim:
+                msg = f"{info.path}: embeddings of dim {info.dim}, earlier files have {dim}; re-embed the slide"
                 raise BadInput(msg)
-            dim = d
+            dim = info.dim
         dim = int(dim or 0)
-        cols = list(columns) if columns is not None else [n for n in embedding_schema(dim).names if n != Col.EMBEDDING]
-        return files, metas, dim, cols
+        names = [n for n in embedding_schema(dim).names if n != Col.EMBEDDING]
+        cols = list(columns) if columns is not None else names
+        unknown = [c for c in cols if c not in names]
+        if unknown:
+            msg = f"columns {', '.join(map(str, unknown))}: not metadata columns of the embedding table; use some of {', '.join(names)}"
+            raise BadInput(msg)
+        return files, [i.metadata for i in infos], dim, cols
 
     def read_expression(
         self,
@@ -489,21 +502,32 @@ class Store:
             _catalog.create_views(self._con, self.root)
 
     def sql(self, query: str, params: Any = None, output: str = "pandas") -> Any:
-        """Run SQL in DuckDB over the views ``embeddings``, ``embeddings_<encoder>``, ``encoders``,
-        ``slides``, ``spots``, ``expression`` (macro ``cosine(a, b)``).
+        """Run SQL in DuckDB over the views ``embeddings_<encoder>`` (one per encoder, vectors as
+        ``FLOAT[dim]``), ``embeddings`` (only in a store of one encoder), ``encoders``, ``slides``
+        (all encoders), ``spots``, ``expression`` (macro ``cosine(a, b)``).
+
+        DuckDB itself confines the query: it installs and loads no extension, cannot change its
+        settings, and opens no file but through the views. Read-only (the default), each query
+        runs in a fresh session whose statements are read-only transactions, so nothing it does
+        outlives it. With ``read_only=False``, one session serves the store's queries (tables
+        made in memory persist), and files may be read and written inside the store folder only
+        (``COPY ... TO 'STORE/export.parquet'``, ``ATTACH 'STORE/scratch.duckdb'``).
 
         Parameters
         ----------
         query
-            SQL; only SELECT/EXPLAIN unless the store was opened with ``read_only=False``.
+            SQL, one or more statements; the last one's result is returned.
         params
-            DuckDB parameters (``?`` or ``$name``).
+            DuckDB parameters (``?`` or ``$name``) of the last statement.
         output
-            ``"pandas"``, ``"arrow"`` or ``"numpy"`` (dict of arrays).
+            ``"pandas"``, ``"arrow"`` or ``"numpy"`` (dict of arrays). A result whose
+            ``embedding`` column mixes vector lengths or fingerprints is refused.
         """
         if self._con is None:
-            self._con = _catalog.connect(self.root)
-        return _catalog.run_sql(self._con, query, params, output, self.read_only)
+            # One line naming a damaged file (and the repair), not DuckDB's error from deep in a scan.
+            _expression.inspect_sections(self.root, repair_hint(self.root))
+            self._con = _catalog.connect(self.root, read_only=self.read_only)
+        return _catalog.run_sql(self._con, query, params, output)
 
 
 def open_store(path: str | Path, read_only: bool = True) -> Store:
@@ -529,7 +553,7 @@ def open_store(path: str | Path, read_only: bool = True) -> Store:
 def sql(store: str | Path, query: str, params: Any = None, output: str = "pandas") -> Any:
     """Run read-only SQL on a store: ``open_store(store).sql(query, params, output)``.
 
-    Views: ``embeddings`` (and ``embeddings_<encoder>``), ``slides``, ``encoders``, ``spots``,
-    ``expression``; macro ``cosine(a, b)``.
+    Views: ``embeddings_<encoder>`` (``embeddings`` in a one-encoder store), ``slides``,
+    ``encoders``, ``spots``, ``expression``; macro ``cosine(a, b)``. See :meth:`Store.sql`.
     """
     return open_store(store).sql(query, params=params, output=output)
