@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from embedstore._params import Choice, Str, Table, check_fields
 from embedstore.errors import BadInput
 
 __all__ = ["PanelSpec", "Recipe", "add_recipe_dir", "list_recipes", "load_recipe"]
@@ -74,13 +75,16 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# Fields whose name means something else in embedstore.PARAMS, or that need more than their type.
+_FIELDS: dict[type, dict[str, Any]] = {
+    PanelSpec: {"method": Choice("hvg", "mean", "list")},
+    AggregatorSpec: {"name": Str()},
+}
+
+
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
-    """Instantiate ``cls`` from a TOML table; unknown keys are an error listing valid ones."""
-    valid = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    unknown = sorted(set(table) - set(valid))
-    if unknown:
-        msg = f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(valid)}"
-        raise BadInput(msg)
+    """Instantiate ``cls`` from a TOML table: unknown keys, types and ranges are checked first."""
+    check_fields(cls, table, where, **_FIELDS.get(cls, {}))
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in table.items()})
 
 
@@ -94,6 +98,9 @@ def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
     }
     for key, cls in nested.items():
         if key in data:
+            if Table().problem(data[key]) is not None:
+                msg = f"{source}: {key} = {data[key]!r}: must be a table; write it as a [{key}] section"
+                raise BadInput(msg)
             table = dict(data[key])
             if cls is AggregatorSpec:
                 # every key but name and k is a parameter of the aggregator itself
@@ -107,6 +114,9 @@ def parse_recipe(data: dict[str, Any], source: str = "<dict>") -> Recipe:
             msg = f'{source}: missing key {required!r}; add `{required} = "..."` at the top of the recipe'
             raise BadInput(msg)
     recipe = _build(Recipe, data, source)
+    if recipe.panel.method == "list" and not recipe.panel.genes:
+        msg = f'{source} [panel]: method = "list" needs genes = ["GENE1", ...]; list the panel genes'
+        raise BadInput(msg)
     return dataclasses.replace(recipe, source=source)
 
 

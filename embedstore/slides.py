@@ -373,22 +373,29 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
         msg = f"{path}: no such file; give a CSV with columns slide,mpp"
         raise BadInput(msg)
     out: dict[str, float] = {}
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
-        if "slide" not in cols or "mpp" not in cols:
-            msg = f"{path}: columns are {reader.fieldnames}; the CSV needs columns slide,mpp"
-            raise BadInput(msg)
-        for line, row in enumerate(reader, start=2):
-            name = (row[cols["slide"]] or "").strip()
-            try:
-                value = float(row[cols["mpp"]])
-            except (TypeError, ValueError):
-                value = float("nan")
-            if not name or not _plausible(value):
-                msg = f"{path}: line {line} has slide={name!r} mpp={row[cols['mpp']]!r}; give a slide name and a µm/px between {_PLAUSIBLE_MPP[0]} and {_PLAUSIBLE_MPP[1]}"
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+            if "slide" not in cols or "mpp" not in cols:
+                msg = f"{path}: columns are {reader.fieldnames}; the CSV needs columns slide,mpp"
                 raise BadInput(msg)
-            out[name] = value
+            for line, row in enumerate(reader, start=2):
+                name = (row[cols["slide"]] or "").strip()
+                try:
+                    value = float(row[cols["mpp"]])
+                except (TypeError, ValueError):
+                    value = float("nan")
+                if not name or not _plausible(value):
+                    msg = f"{path}: line {line} has slide={name!r} mpp={row[cols['mpp']]!r}; give a slide name and a µm/px between {_PLAUSIBLE_MPP[0]} and {_PLAUSIBLE_MPP[1]}"
+                    raise BadInput(msg)
+                if name in out and out[name] != value:
+                    msg = f"{path}: line {line} gives slide {name!r} mpp={value}, an earlier line {out[name]}; keep one line per slide"
+                    raise BadInput(msg)
+                out[name] = value
+    except (UnicodeDecodeError, csv.Error) as e:
+        msg = f"{path}: not a readable CSV ({type(e).__name__}: {e}); give a UTF-8 CSV with columns slide,mpp"
+        raise BadInput(msg) from e
     return out
 
 

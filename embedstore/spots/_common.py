@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import re
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,9 @@ LEGACY_ST_SPOT_UM = 100.0
 LEGACY_ST_PITCH_UM = 200.0
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 
+
+# A gzip file cut short raises EOFError (which click reports as a bare "Aborted!") or zlib.error.
+TRUNCATED = (EOFError, zlib.error)
 
 # ----------------------------------------------------------------------------------------- files
 
@@ -106,14 +110,20 @@ def first_line(path: Path) -> str:
             gz = f.read(2) == b"\x1f\x8b"
         with gzip.open(path, "rt") if gz else path.open() as f:
             return f.readline().rstrip("\r\n")
+    except TRUNCATED as e:
+        msg = f"{path}: the file is truncated or corrupted ({type(e).__name__}: {e}); copy or download it again"
+        raise BadInput(msg) from e
     except (OSError, UnicodeDecodeError) as e:
-        msg = f"{path}: not a text table ({e}); give a tab-separated (optionally gzipped) file"
+        msg = f"{path}: not a text table ({type(e).__name__}: {e}); give a tab-separated (optionally gzipped) file"
         raise BadInput(msg) from e
 
 
 def read_tsv(path: Path, what: str, **kw: Any) -> pd.DataFrame:
     try:
         return pd.read_csv(path, sep="\t", **kw)
+    except TRUNCATED as e:
+        msg = f"{path}: the {what} is truncated or corrupted ({type(e).__name__}: {e}); copy or download the file again"
+        raise BadInput(msg) from e
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as e:
         msg = f"{path}: not a readable {what} ({type(e).__name__}: {e}); give a tab-separated (optionally gzipped) file"
         raise BadInput(msg) from e
@@ -123,10 +133,51 @@ def read_tsv(path: Path, what: str, **kw: Any) -> pd.DataFrame:
 
 
 def check_counts(x: sparse.csr_matrix, where: Path) -> None:
+    """Raw counts are finite, non-negative integers; normalised values (fractions) are refused."""
     bad = ~np.isfinite(x.data) | (x.data < 0)
     if bad.any():
         msg = f"{where}: {int(bad.sum())} negative or NaN counts; give raw, non-negative UMI counts"
         raise BadInput(msg)
+    fractional = x.data != np.round(x.data)
+    if fractional.any():
+        example = float(x.data[np.flatnonzero(fractional)[0]])
+        msg = (
+            f"{where}: {int(fractional.sum())} fractional values (e.g. {example:.4g}) in a raw-count table; "
+            "pass raw integer counts; this looks normalised"
+        )
+        raise BadInput(msg)
+
+
+def merge_duplicate_genes(
+    x: sparse.csr_matrix, genes: Sequence[str], where: Path, var_extra: dict[str, Any] | None = None
+) -> tuple[sparse.csr_matrix, list[str], dict[str, Any] | None]:
+    """Sum the columns of genes named more than once, with a warning naming the file.
+
+    A symbol mapped from several ids (10x features, her2st/STUtility tables keyed by symbol)
+    counts transcripts of one gene, so its counts add up. Annotations such as ``gene_ids`` keep
+    every id, joined with ``;``.
+    """
+    names = pd.Index([str(g) for g in genes])
+    if names.is_unique:
+        return x, list(names), var_extra
+    codes, unique = pd.factorize(names)
+    n_merged = int(names.duplicated(keep=False).sum())
+    LOG.warning(
+        "%s: %d columns share %d gene names (e.g. %s); their counts were summed into one column per gene",
+        where,
+        n_merged,
+        int(names[names.duplicated()].nunique()),
+        names[names.duplicated()].unique()[:3].tolist(),
+    )
+    merge = sparse.csr_matrix((np.ones(len(names), np.float32), (np.arange(len(names)), codes)))
+    merged = sparse.csr_matrix(x @ merge, dtype=np.float32)
+    extra = None
+    if var_extra is not None:
+        extra = {
+            k: pd.Series(np.asarray(v, dtype=str)).groupby(codes).agg(lambda s: ";".join(dict.fromkeys(s))).tolist()
+            for k, v in var_extra.items()
+        }
+    return merged, [str(g) for g in unique], extra
 
 
 def check_unique(ids: Sequence[str], where: Path, what: str = "spot ids") -> None:
@@ -143,10 +194,13 @@ def build_adata(
     genes: Sequence[str],
     xy: np.ndarray,
     info: dict[str, Any],
+    where: Path,
     obs_extra: dict[str, Any] | None = None,
     var_extra: dict[str, Any] | None = None,
 ) -> AnnData:
     import anndata as ad
+
+    x, genes, var_extra = merge_duplicate_genes(x, genes, where, var_extra)
 
     slide_id = str(info["slide_id"])
     spot_ids = [str(s) for s in spot_ids]
@@ -159,9 +213,6 @@ def build_adata(
     adata = ad.AnnData(X=sparse.csr_matrix(x, dtype=np.float32), obs=obs, var=var)
     adata.obsm[OBSM_SPATIAL] = np.asarray(xy, dtype=np.float64)
     adata.uns[UNS_KEY] = info
-    if not adata.var_names.is_unique:
-        # 10x/HGNC symbol tables repeat a few names; suffix them as scanpy does ("-1", "-2").
-        adata.var_names_make_unique()
     return adata
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,7 +107,7 @@ def read_hest(
             raise BadInput(msg) from e
     try:
         src = ad.read_h5ad(h5ad)
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, EOFError, zlib.error) as e:
         msg = f"{h5ad}: not a readable AnnData .h5ad ({e}); give HEST's st/<id>.h5ad"
         raise BadInput(msg) from e
     if "in_tissue" in src.obs.columns:
@@ -159,4 +160,4 @@ def read_hest(
         "patient": None if patient is None or pd.isna(patient) else str(patient),
     }
     extra = {k: src.obs[k].to_numpy() for k in ("array_row", "array_col") if k in src.obs.columns}
-    return build_adata(x, list(src.obs_names), list(src.var_names), xy, info, obs_extra=extra)
+    return build_adata(x, list(src.obs_names), list(src.var_names), xy, info, h5ad, obs_extra=extra)

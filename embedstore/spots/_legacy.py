@@ -253,4 +253,4 @@ def read_legacy_st(
         "spots_path": str(spots_path),
     }
     extra = {"array_col": rows["x"].to_numpy(), "array_row": rows["y"].to_numpy()}
-    return build_adata(x[keep], kept_ids, genes, xy, info, obs_extra=extra)
+    return build_adata(x[keep], kept_ids, genes, xy, info, counts_path, obs_extra=extra)

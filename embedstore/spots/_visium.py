@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,7 @@ def _read_10x_h5(path: Path) -> tuple[sparse.csr_matrix, list[str], list[str], l
             names = dec(m["features/name"][()].astype(bytes)).tolist()
             ids = dec(m["features/id"][()].astype(bytes)).tolist()
             ftype = dec(m["features/feature_type"][()].astype(bytes)) if "feature_type" in m["features"] else None
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, EOFError, zlib.error) as e:
         msg = f"{path}: not a 10x feature-barcode HDF5 (Space Ranger >= 1.0) ({e}); give filtered_feature_bc_matrix.h5"
         raise BadInput(msg) from e
     if ftype is not None and (ftype != "Gene Expression").any():
@@ -188,4 +189,6 @@ def read_visium(
     }
     check_counts(x, outs / counts_file)
     extra = {"array_row": rows["array_row"].to_numpy(int), "array_col": rows["array_col"].to_numpy(int)}
-    return build_adata(x[keep], kept, genes, xy, info, obs_extra=extra, var_extra={"gene_ids": gene_ids})
+    return build_adata(
+        x[keep], kept, genes, xy, info, outs / counts_file, obs_extra=extra, var_extra={"gene_ids": gene_ids}
+    )
