@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from embedstore._atomic import atomic_folder, check_replaceable
 from embedstore._optional import import_optional
 from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION
 from embedstore.errors import BadInput
@@ -19,31 +20,41 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any], module: Any) -> Path:
-    """Write ``module``'s weights and ``config`` into the folder ``path`` (weights first, atomically).
+def save_checkpoint(
+    path: str | Path, kind: str, config: dict[str, Any], module: Any, *, overwrite: bool = True
+) -> Path:
+    """Write ``module``'s weights and ``config`` as the folder ``path``, both files swapped in together.
 
     Parameters
     ----------
     path
-        Folder to create (or overwrite the two files in).
+        Folder to write. An existing one is replaced only when it is a checkpoint of the same
+        ``kind`` (or empty), in one atomic swap: a reader sees the old pair or the new pair.
     kind
         What the folder holds, e.g. ``"aligner"``; checked on load.
     config
         JSON-able settings needed to rebuild ``module``.
     module
         A torch ``nn.Module``.
+    overwrite
+        Replace an existing checkpoint of the same kind.
+
+    Raises
+    ------
+    BadInput
+        ``path`` holds something else (user files, a store), or exists and ``overwrite`` is False.
+    DiskFull
+        The disk ran out; nothing is left behind and an old checkpoint stays as it was.
     """
     st = import_optional("safetensors.torch", f"saving the {kind}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    check_replaceable(path, kind, what=f"{kind} checkpoint", option="path", overwrite=overwrite, folder=True)
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    st.save_file(state, str(tmp))
-    tmp.replace(path / WEIGHTS_FILE)
+    size = sum(v.numel() * v.element_size() for v in state.values())
     doc = {META_KIND: kind, META_SCHEMA_VERSION: SCHEMA_VERSION, "config": config}
-    tmp = path / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path / CONFIG_FILE)
+    with atomic_folder(path, size_hint=size) as tmp:
+        st.save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=1))
     return path
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedstore._atomic import KIND_KEY, atomic_file, check_replaceable
 from embedstore._schema import OBSM_SPATIAL
 from embedstore.errors import BadInput
 
@@ -34,12 +35,18 @@ def new_figure(w: float, h: float, layout: str | None = "constrained") -> Any:
     return fig
 
 
+FIGURE_KIND = "figure"
+
+
 def save_png(fig: Any, path: Path) -> Path:
-    """Write a PNG atomically: readers never see a half-written figure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    """Write a PNG atomically, stamped with an ``embedstore.kind`` text chunk.
+
+    An existing file is replaced only when it is an embedstore figure; readers never see a
+    half-written one.
+    """
+    check_replaceable(path, FIGURE_KIND, what="figure (.png)", option="path")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={KIND_KEY: FIGURE_KIND})
     return path
 
 
@@ -141,25 +148,30 @@ def plot_slide_maps(
     return save_png(fig, path)
 
 
-def plot_distribution(path: Path, metrics: Mapping[str, Any]) -> Path:
-    """Per gene set, a box per method of the per-gene Pearson r (mean over slides), points overlaid."""
+def plot_distribution(path: Path, metrics: Mapping[str, Any], labels: Mapping[str, str]) -> Path:
+    """Per gene set, a box per method of the per-gene Pearson r (mean over slides), points overlaid.
+
+    ``labels`` titles each gene set's panel (its name and size, as the tables show it).
+    """
     sets = list(metrics["gene_sets"])
     methods = list(metrics["methods"])
     fig = new_figure(max(4.5, (1.2 + 0.7 * len(methods)) * len(sets)), 4.2)
     axes = fig.subplots(1, max(len(sets), 1), squeeze=False).ravel()
     rng = np.random.default_rng(0)  # fixed jitter: the same metrics draw the same figure
     for ax, gs in zip(axes, sets, strict=False):
-        labels = []
+        ticks = []
         for k, m in enumerate(methods):
-            g = metrics["methods"][m]["gene_sets"][gs]
-            v = np.array([x for x in g["per_gene_pearson"].values() if x is not None], dtype=float)
-            labels.append(f"{m}\n(n={v.size})")
+            per_gene = metrics["methods"][m]["gene_sets"][gs]["per_gene_pearson"]
+            v = np.array([x for x in per_gene.values() if x is not None], dtype=float)
+            # The size is in the title; a method's tick says only how many of those genes have no r.
+            undefined = len(per_gene) - v.size
+            ticks.append(f"{m}\n({undefined} undefined)" if undefined else m)
             if v.size:
                 ax.boxplot([v], positions=[k], widths=0.6, showfliers=False)
                 ax.scatter(k + rng.uniform(-0.2, 0.2, v.size), v, s=12, alpha=0.6, color="tab:blue", lw=0, zorder=3)
-        ax.set_xticks(range(len(methods)), labels, fontsize=8, rotation=30, ha="right")
+        ax.set_xticks(range(len(methods)), ticks, fontsize=8, rotation=30, ha="right")
         ax.set_xlim(-0.5, len(methods) - 0.5)
         ax.axhline(0.0, color="0.6", lw=0.8)
         ax.set_ylabel("Pearson r per gene (mean over slides)", fontsize=8)
-        ax.set_title(gs, fontsize=10)
+        ax.set_title(labels.get(gs, gs), fontsize=10)
     return save_png(fig, path)

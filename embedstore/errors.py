@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "BadInput",
+    "DamagedFile",
+    "DiskFull",
     "EmbedstoreError",
     "FingerprintMismatch",
     "GeometryMismatch",
@@ -15,12 +17,30 @@ __all__ = [
 class EmbedstoreError(Exception):
     """Base class of every error embedstore raises on purpose.
 
-    The command line turns it into one line on stderr and exit code 2.
+    The command line turns it into one line on stderr and exits with :attr:`exit_code`.
     """
+
+    #: Exit status of the command line: 2 for bad input (the default), 1 for faults of the machine.
+    exit_code = 2
 
 
 class BadInput(EmbedstoreError, ValueError):
     """A file or argument given by the user cannot be used as it is."""
+
+
+class DamagedFile(BadInput):
+    """A store file is truncated, corrupted, empty, or not the file embedstore wrote there.
+
+    ``path`` is the file and ``problem`` what is wrong with it (without the advice), so that a
+    caller that repairs it can word its own message.
+    """
+
+    def __init__(self, path: object, problem: str, fix: str) -> None:
+        self.path, self.problem, self.fix = path, problem, fix
+        super().__init__(f"{path}: {problem}; {fix}")
+
+    def __reduce__(self) -> tuple[type, tuple[object, str, str]]:
+        return type(self), (self.path, self.problem, self.fix)
 
 
 class MissingWeights(EmbedstoreError, FileNotFoundError):
@@ -37,3 +57,13 @@ class FingerprintMismatch(EmbedstoreError):
 
 class GeometryMismatch(FingerprintMismatch):
     """Embeddings were tiled at another µm/px, tile size or resampling than required."""
+
+
+class DiskFull(EmbedstoreError):
+    """The disk, a quota or the file-size limit ran out while writing; the message names the path and the space needed.
+
+    Not the user's input: the command line exits with 1. Nothing half-written is left behind,
+    so a rerun after freeing space completes.
+    """
+
+    exit_code = 1

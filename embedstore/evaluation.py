@@ -6,6 +6,13 @@ reference only (gene panel and gene sets, ridge probe, raw-embedding index, alig
 aligned index, learned aggregator), predicts the query, and writes
 ``predictions_<method>.h5ad``, ``metrics.json`` and ``report.html``. ``demo`` runs it offline
 on a synthetic cohort.
+
+The output folder is marked by ``evaluation.json`` (``embedstore.kind = "evaluation"``, the run id
+and the files of the run). A run is written into a temporary folder and published file by file
+only once complete; every file carries the run id (h5ad ``uns['embedstore']['run']``,
+``metrics.json`` ``run``, the report's ``embedstore.run`` meta tag), the marker names the run
+being published while it is, and the previous run's files are removed. The store (``OUT/store``)
+and the demo's synthetic cohort are kept, so reruns reuse their embeddings.
 """
 
 from __future__ import annotations
@@ -13,12 +20,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
+import shutil
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embedstore._atomic import KIND_KEY, atomic_file, atomic_folder, check_replaceable, fsync_dir, swap_in, temp_dir
+from embedstore._params import StrList, check_fields, validated
 from embedstore._schema import UNS_KEY, Col
 from embedstore.errors import BadInput
 
@@ -36,6 +48,10 @@ METHOD_NOTES = {
     "learned": "aligner + EGN-style exemplar attention, trained leaving each reference slide/patient out",
 }
 N_SET = 50  # genes in the HVG and highest-mean gene sets (HEST; BLEEP/mclSTExp)
+EVAL_KIND = "evaluation"
+MARKER = "evaluation.json"
+# Entries of an evaluation folder that a run never replaces or removes.
+KEPT = ("store", "synthetic-cohort", MARKER)
 
 
 @dataclasses.dataclass
@@ -65,6 +81,7 @@ class Settings:
     methods: tuple[str, ...] = METHODS
 
 
+@validated(methods=StrList(choices=METHODS, nonempty=True))
 def evaluate(
     reference: str | Path,
     out: str | Path,
@@ -108,17 +125,21 @@ def evaluate(
     from embedstore.embedding import embed
     from embedstore.encoders import DEFAULT_ENCODER, create_encoder
 
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        msg = f"methods {unknown}: unknown; choose from {', '.join(METHODS)}"
-        raise BadInput(msg)
     for data in (reference, query):
         if data is not None and not Path(data).exists():
             msg = f"{data}: no such data set; pass an ST data set folder (her2st, STUtility, Visium outs or HEST)"
             raise BadInput(msg)
+    if aligner is not None:
+        from embedstore.aligner import AlignerConfig
+
+        check_fields(AlignerConfig, aligner, "evaluate aligner settings", ranges=False)
+    check_data_sets(reference, query, k=k, n_genes=n_genes)  # seconds, before minutes of embedding
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     store = Path(store) if store else out / "store"
+    if store.resolve() == out.resolve():
+        msg = f"{out}: the same folder as --store; give the evaluation its own --out (the store goes to OUT/store by default)"
+        raise BadInput(msg)
+    prepare_out(out)
     settings = Settings(k, n_genes, seed, aligner=tuple(sorted((aligner or {}).items())), methods=tuple(methods))
     enc_name = (
         create_encoder(encoder or DEFAULT_ENCODER, weights=weights).name if weights else (encoder or DEFAULT_ENCODER)
@@ -141,28 +162,152 @@ def evaluate(
     from embedstore.reference import load_reference
 
     ref = load_reference(store, enc_name, cohort="reference")
-    if query:
-        qry = load_reference(store, enc_name, cohort="query")
-        predictions, truth, gene_sets = _run_split(ref, qry, settings)
-        _write_predictions(out, predictions)
-        folds_note = f"reference {reference} ({len(set(ref.column(Col.SLIDE_ID)))} slides) -> query {query}"
-        metrics = _score(predictions, truth, gene_sets)
-        metrics["split"] = {"mode": "reference-query", "reference": str(reference), "query": str(query)}
-        report_inputs = (predictions, truth)
+    run = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    # The run is written into a fresh folder and published only once complete.
+    with temp_dir(out / "results", shown_as=out) as staging:
+        if query:
+            qry = load_reference(store, enc_name, cohort="query")
+            predictions, truth, gene_sets = _run_split(ref, qry, settings)
+            _write_predictions(staging, predictions, run)
+            folds_note = f"reference {reference} ({len(set(ref.column(Col.SLIDE_ID)))} slides) -> query {query}"
+            metrics = _score(predictions, truth, gene_sets)
+            metrics["split"] = {"mode": "reference-query", "reference": str(reference), "query": str(query)}
+            report_inputs = (predictions, truth)
+        else:
+            metrics, report_inputs, folds_note = _cross_validate(ref, settings, staging, run)
+        metrics["settings"] = {**dataclasses.asdict(settings), "encoder": ref.encoder, "methods_described": METHOD_NOTES}
+        metrics["run"] = run
+        _write_json(staging / "metrics.json", metrics)
+
+        from embedstore.report import write_report
+
+        notes = [folds_note, *_verdicts(metrics), *skipped_notes]
+        write_report(
+            staging, metrics, report_inputs[0], report_inputs[1], thumbnails,
+            title=f"embedstore evaluation: {Path(reference).name}" + (f" -> {Path(query).name}" if query else " (cross-validation)"),
+            notes=notes, max_map_slides=6, run=run,
+        )  # fmt: skip
+        _publish(out, staging, run)
+    return EvalResult(out, metrics, out / "report.html")
+
+
+def prepare_out(out: Path) -> None:
+    """Refuse an ``--out`` that is not an (empty or) embedstore evaluation folder; create and mark it.
+
+    The marker is written before anything else, so a run killed before publishing leaves a
+    folder that the rerun recognises as its own.
+    """
+    check_replaceable(out, EVAL_KIND, what="evaluation folder", folder=True, stores_inside=("store",))
+    if _read_marker(out) is None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_marker(out, {"run": None, "files": []})
+
+
+def _read_marker(out: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get(KIND_KEY) == EVAL_KIND else None
+
+
+def _write_marker(out: Path, doc: dict[str, Any]) -> None:
+    _write_json(out / MARKER, {KIND_KEY: EVAL_KIND, **doc})
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    text = json.dumps(doc, indent=1, default=_json_default)
+    with atomic_file(path, size_hint=len(text)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _result_name(name: Any) -> bool:
+    """A name an evaluation run may replace or remove: a plain entry of OUT, not the store or marker."""
+    return isinstance(name, str) and name not in KEPT and "/" not in name and not name.startswith(".")
+
+
+def _publish(out: Path, staging: Path, run: str) -> None:
+    """Move a complete run from ``staging`` into ``out`` and remove the previous run's files.
+
+    The marker first names the incoming run and its files, then (once they are in place and
+    the old ones gone) only the new run, so a kill in between leaves stamped files and a marker
+    that lists every file to clean; the next run removes them.
+    """
+    names = sorted(p.name for p in staging.iterdir())
+    old = _read_marker(out) or {}
+    previous = {n for n in [*old.get("files", []), *old.get("incoming", [])] if _result_name(n)}
+    foreign = [out / n for n in names if n not in previous and (out / n).exists()]
+    if foreign:  # a file the user put there under one of our names
+        msg = f"{foreign[0]}: not written by an earlier evaluation; move it away or choose another --out"
+        raise BadInput(msg)
+    _write_marker(out, {"run": old.get("run"), "files": old.get("files", []), "incoming_run": run, "incoming": names})
+    for name in names:
+        swap_in(staging / name, out / name)  # an old folder of that name lands in staging and goes with it
+    for name in sorted(previous - set(names)):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    _write_marker(out, {"run": run, "files": names, "created_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    fsync_dir(out)
+
+
+def check_data_sets(reference: str | Path, query: str | Path | None, *, k: int, n_genes: int) -> None:
+    """Refuse settings the data sets cannot support, from their spots and genes alone (no images read).
+
+    Raises
+    ------
+    BadInput
+        When a data set has no section with an image, the query shares no gene with the
+        reference, cross-validation has a single group, ``k`` exceeds the reference spots
+        of the smallest training part, or ``n_genes`` exceeds the genes it measures.
+    """
+    from embedstore.spots import read_dataset
+
+    def usable(data: str | Path) -> list[Any]:
+        # Sections without an image cannot be embedded: they are left out of the evaluation.
+        found = [s for s in read_dataset(data, join=None) if s.uns[UNS_KEY].get("image_path")]
+        if not found:
+            msg = f"{data}: no section has an H&E image; add the images the spot coordinates refer to"
+            raise BadInput(msg)
+        return found
+
+    def common_genes(sections: Sequence[Any]) -> set[str]:
+        return set.intersection(*(set(map(str, s.var_names)) for s in sections))
+
+    ref = usable(reference)
+    if query is not None:
+        ref_genes, qry_genes = common_genes(ref), common_genes(usable(query))
+        if not ref_genes & qry_genes:
+            msg = (
+                f"{query}: shares no gene with the reference {reference} (e.g. {sorted(qry_genes)[:3]} vs "
+                f"{sorted(ref_genes)[:3]}); name genes alike in both (symbols or Ensembl ids)"
+            )
+            raise BadInput(msg)
+        folds = [(f"the reference {reference}", ref)]
     else:
-        metrics, report_inputs, folds_note = _cross_validate(ref, settings, out)
-    metrics["settings"] = {**dataclasses.asdict(settings), "encoder": ref.encoder, "methods_described": METHOD_NOTES}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
-
-    from embedstore.report import write_report
-
-    notes = [folds_note, *_verdicts(metrics), *skipped_notes]
-    report_path = write_report(
-        out, metrics, report_inputs[0], report_inputs[1], thumbnails,
-        title=f"embedstore evaluation: {Path(reference).name}" + (f" -> {Path(query).name}" if query else " (cross-validation)"),
-        notes=notes, max_map_slides=6,
-    )  # fmt: skip
-    return EvalResult(out, metrics, report_path)
+        patients = [s.uns[UNS_KEY].get("patient") for s in ref]
+        by_patient = all(p is not None for p in patients) and len(set(patients)) > 1
+        groups = [str(p) for p in patients] if by_patient else [s.uns[UNS_KEY]["slide_id"] for s in ref]
+        if len(set(groups)) < 2:
+            unit = "patient" if by_patient else "section"
+            msg = f"{reference}: cross-validation needs at least 2 {unit}s with an image, the data set has 1; give a --query data set"
+            raise BadInput(msg)
+        folds = [
+            (f"the training part without {g}", [s for s, h in zip(ref, groups, strict=True) if h != g])
+            for g in sorted(set(groups))
+        ]
+    spots = min(folds, key=lambda f: sum(s.n_obs for s in f[1]))
+    n_spots = sum(s.n_obs for s in spots[1])
+    if k > n_spots:
+        msg = f"k={k} (--k): larger than the {n_spots} reference spots of {spots[0]}; pass --k {n_spots} or less"
+        raise BadInput(msg)
+    genes = min(folds, key=lambda f: len(common_genes(f[1])))
+    n_common = len(common_genes(genes[1]))
+    if n_genes > n_common:
+        msg = f"n_genes={n_genes} (--n-genes): larger than the {n_common} genes measured in every section of {genes[0]}; pass --n-genes {n_common} or less"
+        raise BadInput(msg)
 
 
 def _json_default(o: Any) -> Any:
@@ -190,13 +335,17 @@ def _thumbnails(data: Path) -> dict[str, Any]:
 
 
 def _gene_sets(ref: Any, n_genes: int) -> tuple[Any, dict[str, list[str]]]:
-    """Panel = top-``n_genes`` HVG plus the top-50 mean genes; gene sets chosen on the reference."""
+    """Panel = top-``n_genes`` HVG plus the genes of both gene sets (top-50 HVG, top-50 mean), chosen on the reference.
+
+    Every gene of a gene set is in the panel, so every method predicts it: with ``n_genes``
+    under 50, ``hvg50`` would otherwise be scored on the few HVG the panel kept.
+    """
     from embedstore.expression import select_panel
 
     hvg_panel = select_panel(ref.counts, ref.genes, "hvg", n_genes)
     hvg50 = list(select_panel(ref.counts, ref.genes, "hvg", N_SET).genes)
     mean50 = list(select_panel(ref.counts, ref.genes, "mean", N_SET).genes)
-    genes = list(dict.fromkeys([*hvg_panel.genes, *mean50]))
+    genes = list(dict.fromkeys([*hvg_panel.genes, *hvg50, *mean50]))
     panel = select_panel(ref.counts, ref.genes, genes)
     return panel, {f"hvg{N_SET}": hvg50, f"mean{N_SET}": mean50, "panel": genes}
 
@@ -252,10 +401,11 @@ def _softmax(tau: float) -> Any:
     return create_aggregator("softmax", tau=tau)
 
 
-def _write_predictions(folder: Path, predictions: dict[str, Any]) -> None:
+def _write_predictions(folder: Path, predictions: dict[str, Any], run: str) -> None:
     from embedstore.prediction import write_h5ad
 
     for method, adata in predictions.items():
+        adata.uns[UNS_KEY] = {**dict(adata.uns.get(UNS_KEY, {})), "run": run}
         write_h5ad(adata, folder / f"predictions_{method}.h5ad")
 
 
@@ -265,7 +415,7 @@ def _score(predictions: dict[str, Any], truth: Any, gene_sets: dict[str, list[st
     return score_predictions(predictions, truth, gene_sets)
 
 
-def _cross_validate(ref: Any, s: Settings, out: Path) -> tuple[dict[str, Any], tuple[Any, Any], str]:
+def _cross_validate(ref: Any, s: Settings, out: Path, run: str) -> tuple[dict[str, Any], tuple[Any, Any], str]:
     """Leave-one-group-out over patients (or sections); per-slide scores merged over folds."""
     import anndata as ad
 
@@ -285,9 +435,9 @@ def _cross_validate(ref: Any, s: Settings, out: Path) -> tuple[dict[str, Any], t
         LOG.info("fold %s: held out", g)
         train, test = ref.subset(groups != g), ref.subset(groups == g)
         predictions, truth, gene_sets = _run_split(train, test, s)
-        _write_predictions(out / f"fold-{g}", predictions)
+        _write_predictions(out / f"fold-{g}", predictions, run)
         m = _score(predictions, truth, gene_sets)
-        (out / f"fold-{g}" / "metrics.json").write_text(json.dumps(m, indent=1, default=_json_default))
+        _write_json(out / f"fold-{g}" / "metrics.json", {**m, "run": run})
         fold_metrics.append(m)
         truths.append(truth)
         for method, p in predictions.items():
@@ -306,19 +456,46 @@ _STATS = ("pearson", "spearman", "mse", "mae")
 
 
 def _merge_folds(fold_metrics: list[dict[str, Any]], folds: list[str]) -> dict[str, Any]:
-    """Pool per-slide scores of every fold: each slide is scored once, by the fold that held it out."""
+    """Pool per-slide scores of every fold: each slide is scored once, by the fold that held it out.
+
+    Each fold scores its own gene sets (chosen on its training part). A gene set's size is
+    computed here once (:func:`~embedstore.report.gene_set_size`): the genes scored in each
+    fold and those scored in every fold; per-gene numbers cover the latter, so the figures
+    and the label agree.
+    """
+    from embedstore.report import gene_set_size
+
     merged: dict[str, Any] = {"methods": {}, "folds": dict(zip(folds, fold_metrics, strict=True))}
     merged["definition"] = fold_metrics[0].get("definition", "") + (
         " Cross-validation: each fold's gene sets are chosen on its training slides; per-slide values of all folds "
-        "are pooled and the mean and SD are taken over slides."
+        "are pooled and the mean and SD are taken over slides. n_genes_per_fold counts the genes each fold scored; "
+        "n_genes counts the genes scored in every fold, and per_gene_pearson (each gene's mean over folds) and the "
+        "per-gene figure cover those genes only."
     )
+    set_names = list(fold_metrics[0]["gene_sets"])
+    first = next(iter(fold_metrics[0]["methods"]))
+    # The genes each fold scored (the same for every method of a fold), and those every fold scored.
+    scored = {
+        gs: {
+            f: list(fm["methods"][first]["gene_sets"][gs]["per_gene_pearson"])
+            for f, fm in zip(folds, fold_metrics, strict=True)
+        }
+        for gs in set_names
+    }
+    shared = {
+        gs: [g for g in by_fold[folds[0]] if all(g in v for v in by_fold.values())] for gs, by_fold in scored.items()
+    }
+    sizes = {}
+    for gs in set_names:
+        per_fold = {f: len(v) for f, v in scored[gs].items()}
+        sizes[gs] = {**gene_set_size(gs, list(per_fold.values()), len(shared[gs])), "n_genes_per_fold": per_fold}
     for method in fold_metrics[0]["methods"]:
         sets: dict[str, Any] = {}
-        for gs in fold_metrics[0]["methods"][method]["gene_sets"]:
+        for gs in set_names:
             per_slide: dict[str, Any] = {}
             counts = {"n_undefined": 0, "n_undefined_spearman": 0, "n_missing": 0}
             missing: set[str] = set()
-            per_gene: dict[str, list[float]] = {}
+            per_gene: dict[str, list[float]] = {g: [] for g in shared[gs]}
             for fm in fold_metrics:
                 entry = fm["methods"][method]["gene_sets"][gs]
                 per_slide.update(entry["per_slide"])
@@ -326,17 +503,18 @@ def _merge_folds(fold_metrics: list[dict[str, Any]], folds: list[str]) -> dict[s
                     counts[c] += int(entry.get(c) or 0)
                 missing.update(entry.get("missing_genes") or [])
                 for gene, r in (entry.get("per_gene_pearson") or {}).items():
-                    if r is not None:
-                        per_gene.setdefault(gene, []).append(r)
+                    if r is not None and gene in per_gene:
+                        per_gene[gene].append(r)
             summary: dict[str, Any] = {
                 "per_slide": per_slide,
                 **counts,
                 "n_slides": len(per_slide),
                 "n_spots": sum(int(v.get("n_spots") or 0) for v in per_slide.values()),
-                "n_genes": max(int(fm["methods"][method]["gene_sets"][gs].get("n_genes") or 0) for fm in fold_metrics),
+                "n_genes": sizes[gs]["n_genes"],
+                "n_genes_per_fold": sizes[gs]["n_genes_per_fold"],
                 "missing_genes": sorted(missing),
-                # mean over the folds whose gene set holds the gene
-                "per_gene_pearson": {g: float(np.mean(v)) for g, v in per_gene.items()},
+                # mean over the folds where the gene's r is defined; null when it is in none
+                "per_gene_pearson": {g: float(np.mean(v)) if v else None for g, v in per_gene.items()},
             }
             for stat in _STATS:
                 vals = np.array([v[f"{stat}_mean"] for v in per_slide.values() if v.get(f"{stat}_mean") is not None])
@@ -350,8 +528,9 @@ def _merge_folds(fold_metrics: list[dict[str, Any]], folds: list[str]) -> dict[s
     merged["fold_gene_sets"] = {f: fm["gene_sets"] for f, fm in zip(folds, fold_metrics, strict=True)}
     merged["gene_sets"] = {
         gs: [g for g in fold_metrics[0]["gene_sets"][gs] if all(g in fm["gene_sets"][gs] for fm in fold_metrics)]
-        for gs in fold_metrics[0]["gene_sets"]
+        for gs in set_names
     }
+    merged["gene_set_sizes"] = sizes
     return merged
 
 
@@ -383,6 +562,7 @@ def _verdicts(metrics: dict[str, Any]) -> list[str]:
     return notes
 
 
+@validated
 def demo(out: str | Path = "demo-out", data: str | Path | None = None, seed: int = 0) -> EvalResult:
     """The offline main job: synthetic cohort (or ``data``), embed, align, index, predict, evaluate.
 
@@ -396,15 +576,18 @@ def demo(out: str | Path = "demo-out", data: str | Path | None = None, seed: int
         Seed of the synthetic cohort and of training.
     """
     out = Path(out)
+    prepare_out(out)  # before the synthetic cohort is written into it
     synthetic = data is None
     if synthetic:
         from embedstore.testing import make_synthetic_cohort
 
         cohort_dir = out / "synthetic-cohort"
         if not (cohort_dir / "data").is_dir():
-            make_synthetic_cohort(
-                cohort_dir, n_slides=6, n_patients=3, n_spots=80, n_genes=60, seed=seed, width=3000, height=3000
-            )
+            # Generated beside and swapped in: a killed run never leaves half a cohort to evaluate.
+            with atomic_folder(cohort_dir) as tmp:
+                make_synthetic_cohort(
+                    tmp, n_slides=6, n_patients=3, n_spots=80, n_genes=60, seed=seed, width=3000, height=3000
+                )
         data = cohort_dir
     # The synthetic cohort has ~80 spots per slide: fewer neighbours and genes than a real cohort.
     return evaluate(data, out, seed=seed, k=20 if synthetic else 50, n_genes=60 if synthetic else 250)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedstore import _report_plots as _plots
+from embedstore._atomic import KIND_KEY, atomic_file, check_replaceable
 from embedstore._schema import OBSM_SPATIAL, Col
 from embedstore.errors import BadInput
 from embedstore.metrics import gene_metrics
@@ -29,18 +30,28 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from PIL import Image
 
-__all__ = ["DEFINITION", "format_table", "metrics_table", "plot_prediction_maps", "score_predictions", "write_report"]
+__all__ = [
+    "DEFINITION",
+    "format_table",
+    "gene_set_size",
+    "metrics_table",
+    "plot_prediction_maps",
+    "score_predictions",
+    "write_report",
+]
 
 LOG = logging.getLogger(__name__)
 
 N_MAP_GENES = 4
+REPORT_KIND = "report"
 _STATS = ("pearson", "spearman", "mse", "mae")
 
 DEFINITION = (
     "Predictions are matched to the measured spots by (slide_id, spot_id); every measured spot must have a "
-    "prediction, and predicted spots without a measurement are ignored. Genes of a gene set that are absent from "
-    "the measured data or from a method's prediction are listed (missing_genes, n_missing) and left out; n_genes "
-    "counts the genes scored. Within one slide and for each gene, Pearson r and Spearman rho (Pearson r of average "
+    "prediction, and predicted spots without a measurement are ignored. Every method is scored on the same genes: "
+    "those of the gene set that are measured and predicted by every method; the others are listed (missing_genes, "
+    "n_missing) and left out. n_genes counts the genes scored, and gene_set_sizes gives it once per gene set with "
+    "the label that every table and figure shows (its n_genes). Within one slide and for each gene, Pearson r and Spearman rho (Pearson r of average "
     "ranks) are computed across that slide's spots between predicted and measured log-normalised expression; MSE "
     "and MAE are the mean squared and mean absolute differences over those spots. A correlation is undefined when "
     "the prediction or the measurement of that gene is constant over the slide (standard deviation at most 1e-9 "
@@ -168,6 +179,43 @@ def _score_set(
     return out
 
 
+def gene_set_size(name: str, per_fold: Sequence[int], shared: int) -> dict[str, Any]:
+    """The size of a gene set, as every table, report and figure shows it.
+
+    Parameters
+    ----------
+    name
+        Gene-set name.
+    per_fold
+        Genes scored in each fold (one number outside cross-validation).
+    shared
+        Genes scored in every fold (the per-gene numbers and figures cover these).
+
+    Returns
+    -------
+    ``{"n_genes": shared, "label": ...}``, e.g. ``"hvg50 (50 genes)"`` or, when folds chose
+    their own sets, ``"hvg50 (50 genes per fold, 48 in every fold)"``.
+    """
+    lo, hi = min(per_fold, default=shared), max(per_fold, default=shared)
+    if lo == hi == shared:
+        label = f"{name} ({shared} genes)"
+    else:
+        each = str(lo) if lo == hi else f"{lo}–{hi}"
+        label = f"{name} ({each} genes per fold, {shared} in every fold)"
+    return {"n_genes": shared, "label": label}
+
+
+def _sizes(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``gene_set_sizes`` of the metrics; derived from the first method for metrics written before it existed."""
+    if "gene_set_sizes" in metrics:
+        return metrics["gene_set_sizes"]
+    first = next(iter(metrics["methods"].values()), {"gene_sets": {}})["gene_sets"]
+    return {
+        gs: gene_set_size(gs, [], int(first.get(gs, {}).get("n_genes", len(genes))))
+        for gs, genes in metrics["gene_sets"].items()
+    }
+
+
 def score_predictions(
     predictions: Mapping[str, AnnData], truth: AnnData, gene_sets: Mapping[str, Sequence[str]] | None = None
 ) -> dict[str, Any]:
@@ -187,8 +235,8 @@ def score_predictions(
     Returns
     -------
     A JSON-able dict ``{"methods": {method: {"gene_sets": {set: {...}}}}, "gene_sets": {...},
-    "definition": str}``; :data:`DEFINITION` says how each number is computed. ``None``
-    stands for an undefined value.
+    "gene_set_sizes": {set: {"n_genes", "label"}}, "definition": str}``; :data:`DEFINITION`
+    says how each number is computed. ``None`` stands for an undefined value.
 
     Raises
     ------
@@ -207,26 +255,29 @@ def score_predictions(
     sets = {str(k): list(dict.fromkeys(str(g) for g in v)) for k, v in gene_sets.items()}
     slide_of = truth_keys.get_level_values(0).to_numpy()
     slide_rows = {s: np.flatnonzero(slide_of == s) for s in dict.fromkeys(slide_of)}
-    truth_cache: dict[tuple[str, ...], np.ndarray] = {}
+    aligned = {
+        str(m): (pred, _align(pred, truth_keys, str(m)), _gene_index(pred, f"prediction {str(m)!r}"))
+        for m, pred in predictions.items()
+    }
+    # One set of genes per gene set for every method: a method that predicts fewer genes
+    # must not be compared with the others on a different (easier or harder) set.
+    scorable = set(truth_genes).intersection(*(set(genes) for _, _, genes in aligned.values()))
+    used = {name: [g for g in genes if g in scorable] for name, genes in sets.items()}
+    missing = {name: [g for g in genes if g not in scorable] for name, genes in sets.items()}
+    for name, genes in sets.items():
+        if missing[name]:
+            LOG.info("%s: %d of %d genes not measured or not predicted by every method, left out",
+                     name, len(missing[name]), len(genes))  # fmt: skip
+    truth_x = {name: _dense(truth.X, None, truth_genes.get_indexer(g), "truth") for name, g in used.items()}
     methods: dict[str, Any] = {}
-    for method, pred in predictions.items():
-        method = str(method)
-        rows = _align(pred, truth_keys, method)
-        pred_genes = _gene_index(pred, f"prediction {method!r}")
-        have_t, have_p = set(truth_genes), set(pred_genes)
+    for method, (pred, rows, pred_genes) in aligned.items():
         scored: dict[str, Any] = {}
-        for name, genes in sets.items():
-            used = [g for g in genes if g in have_t and g in have_p]
-            missing = [g for g in genes if g not in have_t or g not in have_p]
-            if missing:
-                LOG.info("%s / %s: %d of %d genes missing, left out", method, name, len(missing), len(genes))
-            key = tuple(used)
-            if key not in truth_cache:
-                truth_cache[key] = _dense(truth.X, None, truth_genes.get_indexer(used), "truth")
-            p = _dense(pred.X, rows, pred_genes.get_indexer(used), f"prediction {method!r}")
-            scored[name] = _score_set(p, truth_cache[key], used, missing, slide_rows)
+        for name in sets:
+            p = _dense(pred.X, rows, pred_genes.get_indexer(used[name]), f"prediction {method!r}")
+            scored[name] = _score_set(p, truth_x[name], used[name], missing[name], slide_rows)
         methods[method] = {"gene_sets": scored}
-    return {"methods": methods, "gene_sets": sets, "definition": DEFINITION}
+    sizes = {name: gene_set_size(name, [len(g)], len(g)) for name, g in used.items()}
+    return {"methods": methods, "gene_sets": sets, "gene_set_sizes": sizes, "definition": DEFINITION}
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -279,8 +330,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     table = metrics_table(metrics)
     sets = list(metrics["gene_sets"])
     first = next(iter(metrics["methods"].values()))["gene_sets"]
-    # genes scored per slide (in cross-validation each fold chooses its own set of this size)
-    head = ["method"] + [f"{gs} ({first[gs].get('n_genes', len(metrics['gene_sets'][gs]))} genes)" for gs in sets]
+    sizes = _sizes(metrics)
+    head = ["method"] + [sizes[gs]["label"] for gs in sets]
     body = []
     for method in table.index:
         cells = [str(method)]
@@ -399,8 +450,13 @@ def write_report(
     *,
     gene_set: str | None = None,
     max_map_slides: int | None = None,
+    run: str | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and its figures in ``out_dir/figures/``.
+
+    Each file is written atomically and stamped as embedstore's (``embedstore.kind`` meta tag,
+    PNG text chunk); an existing ``report.html`` or figure that embedstore did not write is
+    refused (:class:`~embedstore.errors.BadInput`), untouched.
 
     Parameters
     ----------
@@ -421,6 +477,8 @@ def write_report(
         Gene set that picks the best method and its top genes for the maps (default: the first).
     max_map_slides
         Draw maps for at most this many slides (default: all).
+    run
+        Id of the evaluation run, stamped into the page (``embedstore.run`` meta tag).
 
     Returns
     -------
@@ -428,7 +486,7 @@ def write_report(
     """
     out = Path(out_dir)
     fig_dir = out / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out / "report.html", REPORT_KIND, what="report (.html)", option="out_dir")
     esc = html.escape
     sets = list(metrics["gene_sets"])
     methods = list(metrics["methods"])
@@ -438,7 +496,12 @@ def write_report(
         raise BadInput(msg)
     first = metrics["methods"][methods[0]]["gene_sets"] if methods else {}
 
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta name='{KIND_KEY}' content='{REPORT_KIND}'>"
+    ]
+    if run:
+        parts.append(f"<meta name='embedstore.run' content='{esc(run)}'>")
+    parts.append(f"<title>{esc(title)}</title>")
     parts.append(f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>")
     n_slides = first[gene_set]["n_slides"] if gene_set else 0
     n_spots = first[gene_set]["n_spots"] if gene_set else 0
@@ -451,7 +514,8 @@ def write_report(
 
     # (a) methods x gene sets, best mean per column in bold.
     table = metrics_table(metrics)
-    head = ["method"] + [f"{esc(gs)} ({len(metrics['gene_sets'][gs])} genes)" for gs in sets]
+    sizes = _sizes(metrics)
+    head = ["method"] + [esc(sizes[gs]["label"]) for gs in sets]
     rows = []
     for m in methods:
         row = [esc(m)]
@@ -461,19 +525,20 @@ def write_report(
         rows.append(row)
     parts.append("<h2>Pearson r per gene (mean ± SD over slides)</h2>" + _html_table(head, rows))
     parts.append("<p class='small'>Bold: best mean in the column. SD is the spread of per-slide means.</p>")
-    cov_head = ["method", "gene set", "genes scored", "missing", "undefined r (gene × slide)", "Spearman", "MSE"]
+    cov_head = ["method", "gene set", "genes left out", "undefined r (gene × slide)", "Spearman", "MSE"]
     cov = []
     for m in methods:
         for gs in sets:
             g = metrics["methods"][m]["gene_sets"][gs]
             sp = "undefined" if g["spearman_mean"] is None else f"{g['spearman_mean']:.3f}"
             mse = "undefined" if g["mse_mean"] is None else f"{g['mse_mean']:.4g}"
-            cov.append([esc(m), esc(gs), str(g["n_genes"]), str(g["n_missing"]), str(g["n_undefined"]), sp, esc(mse)])
+            label = esc(sizes[gs]["label"])
+            cov.append([esc(m), label, str(g["n_missing"]), str(g["n_undefined"]), sp, esc(mse)])
     parts.append("<h3>Coverage and other metrics</h3>" + _html_table(cov_head, cov))
 
     # (c) distribution of per-gene correlation.
     if sets and methods:
-        _plots.plot_distribution(fig_dir / "pearson_per_gene.png", metrics)
+        _plots.plot_distribution(fig_dir / "pearson_per_gene.png", metrics, {gs: sizes[gs]["label"] for gs in sets})
         parts.append("<h2>Per-gene correlation</h2><img src='figures/pearson_per_gene.png' alt='per-gene Pearson r'>")
 
     # (b) maps of the best-predicted genes, per slide.
@@ -481,7 +546,8 @@ def write_report(
     if genes:
         parts.append(
             f"<h2>Best-predicted genes</h2><p>The {len(genes)} genes with the highest Pearson r of the best method "
-            f"(<b>{esc(best)}</b> on <i>{esc(gene_set)}</i>): {esc(', '.join(genes))}. Each panel has its own "
+            f"(<b>{esc(best)}</b> on <i>{esc(sizes[gene_set]['label'])}</i>): {esc(', '.join(genes))}. "
+            "Each panel has its own "
             "colour scale (1st–99th percentile), since correlation ignores scale.</p>"
         )
         truth_keys = _spot_keys(truth, "truth")
@@ -523,16 +589,19 @@ def write_report(
 
     parts.append(f"<h2>How the numbers are computed</h2><p>{esc(metrics.get('definition', DEFINITION))}</p>")
     parts.append("<h2>Gene sets</h2>")
-    for gs, genes_gs in metrics["gene_sets"].items():
-        parts.append(f"<details><summary>{esc(gs)} ({len(genes_gs)} genes)</summary><p>{esc(', '.join(genes_gs))}</p>")
+    for gs in sets:
+        scored = list(first[gs]["per_gene_pearson"]) if gs in first else metrics["gene_sets"][gs]
+        parts.append(f"<details><summary>{esc(sizes[gs]['label'])}</summary><p>{esc(', '.join(scored))}</p>")
         missing = {g for m in methods for g in metrics["methods"][m]["gene_sets"][gs]["missing_genes"]}
         if missing:
-            parts.append(f"<p>Missing for at least one method: {esc(', '.join(sorted(missing)))}</p>")
+            left_out = esc(", ".join(sorted(missing)))
+            parts.append(f"<p>Left out (not measured, or not predicted by every method): {left_out}</p>")
+        if "n_genes_per_fold" in sizes[gs]:
+            parts.append("<p>Each fold's own set is listed in metrics.json (fold_gene_sets).</p>")
         parts.append("</details>")
     parts.append("</body></html>\n")
 
     path = out / "report.html"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(parts), encoding="utf-8")
     return path

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from embedstore._atomic import atomic_file, check_replaceable
+from embedstore._params import validated
 from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION, Col, tile_id, tile_schema
 from embedstore.errors import BadInput
 from embedstore.slides import Slide, open_slide, tissue_mask
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 TILES_KIND = "tiles"
+PREVIEW_KIND = "tile_preview"
 
 
 def _resample() -> Image.Resampling:
@@ -406,14 +409,27 @@ def write_tile_table(table: pa.Table, path: str | Path) -> Path:
         msg = f"{path}: table does not match the tile schema ({e}); make it with grid_tiles or spot_tiles"
         raise BadInput(msg) from e
     table = table.replace_schema_metadata({META_SCHEMA_VERSION: SCHEMA_VERSION, META_KIND: TILES_KIND})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    check_tiles_out(path)
+    with atomic_file(path, size_hint=table.nbytes) as tmp:
         pq.write_table(table, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def _parquet_kind(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return meta.get(META_KIND.encode(), b"").decode() or None
+
+
+def check_tiles_out(path: str | Path) -> None:
+    """Refuse (:class:`BadInput`, nothing touched) a tile-table path holding a file embedstore did not write."""
+    check_replaceable(path, TILES_KIND, what="tile table (.parquet)", reader=_parquet_kind)
+
+
+def check_preview_out(path: str | Path) -> None:
+    """Refuse (:class:`BadInput`, nothing touched) a preview path holding a file embedstore did not write."""
+    check_replaceable(path, PREVIEW_KIND, what="tile preview (.png)", option="--preview")
 
 
 def read_tile_table(path: str | Path) -> pa.Table:
@@ -444,6 +460,7 @@ def draw_tile_preview(slide: Slide, table: pa.Table, png_path: str | Path, max_s
     The path written.
     """
     from PIL import ImageDraw
+    from PIL.PngImagePlugin import PngInfo
 
     png_path = Path(png_path)
     thumb = slide.thumbnail(max_size).convert("RGB")
@@ -460,17 +477,16 @@ def draw_tile_preview(slide: Slide, table: pa.Table, png_path: str | Path, max_s
         x0, y0 = int(_top_left(x, side0)), int(_top_left(y, side0))
         box = (x0 * sx, y0 * sy, (x0 + side0) * sx, (y0 + side0) * sy)
         draw.rectangle(box, outline=(255, 140, 0) if p else (0, 160, 0), width=1)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
-    try:
-        thumb.save(tmp, format="PNG")
-        tmp.replace(png_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    check_preview_out(png_path)
+    info = PngInfo()
+    info.add_text(META_KIND, PREVIEW_KIND)
+    with atomic_file(png_path) as tmp:
+        thumb.save(tmp, format="PNG", pnginfo=info)
     LOG.info("wrote tile preview %s (%d tiles)", png_path, len(table))
     return png_path
 
 
+@validated
 def tile(
     slide_path: str | Path,
     out: str | Path | None = None,
@@ -496,6 +512,11 @@ def tile(
     preview
         PNG path for a thumbnail with the tile grid drawn.
     """
+    # Refuse a bad output before reading the slide, so that neither file is touched.
+    if out is not None:
+        check_tiles_out(out)
+    if preview is not None:
+        check_preview_out(preview)
     with open_slide(slide_path, mpp=mpp) as slide:
         table = grid_tiles(slide, target_mpp=target_mpp, size_px=size_px, min_tissue=min_tissue)
         if preview is not None:
@@ -505,6 +526,7 @@ def tile(
     return table
 
 
+@validated
 def describe_slide(
     slide_path: str | Path, *, mpp: float | None = None, target_mpp: float = 0.5, size_px: int = 224
 ) -> dict[str, Any]:
