@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import pyarrow as pa
 
-from embedstore.errors import FingerprintMismatch, GeometryMismatch
+from embedstore.errors import BadInput, FingerprintMismatch, GeometryMismatch
 
 SCHEMA_VERSION = "1"
 
@@ -24,6 +25,8 @@ META_ENCODER = "embedstore.encoder"
 META_KIND = "embedstore.kind"
 META_GEOMETRY = "embedstore.geometry"  # JSON: the tile geometry (mpp, size_px, resample) of an embedding file
 META_GENES = "embedstore.genes"  # JSON list of every measured gene of an expression file (zeros are not stored)
+META_N_TILES = "embedstore.n_tiles"  # tiles of the slide (its tile table's rows); a published slide file holds exactly these
+META_SOURCE = "embedstore.source"  # JSON: where a slide file came from and how it was embedded (for `embedstore check --repair`)
 
 # AnnData keys of spot and prediction objects (scanpy/squidpy plot obsm["spatial"]).
 OBSM_SPATIAL = "spatial"
@@ -203,3 +206,38 @@ def check_geometry(expected: dict[str, Any] | None, found: dict[str, Any] | None
             "is required; embed with the same --target-mpp and --size, or rebuild from these embeddings"
         )
         raise GeometryMismatch(msg)
+
+
+def parse_geometry(value: Any, where: str) -> dict[str, Any] | None:
+    """A recorded tile geometry, checked: ``None`` stays ``None``, anything else must be a geometry.
+
+    Parameters
+    ----------
+    value
+        What a manifest, checkpoint config or file metadata holds under its geometry key.
+    where
+        The file and key, for the message.
+
+    Raises
+    ------
+    BadInput
+        ``value`` is not ``{mpp: > 0, size_px: int > 0, resample: str}``.
+    """
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, dict)
+        and set(value) == {"mpp", "size_px", "resample"}
+        and isinstance(value["mpp"], int | float)
+        and not isinstance(value["mpp"], bool)
+        and math.isfinite(value["mpp"])
+        and value["mpp"] > 0
+        and isinstance(value["size_px"], int)
+        and not isinstance(value["size_px"], bool)
+        and value["size_px"] > 0
+        and isinstance(value["resample"], str)
+    )
+    if not ok:
+        msg = f"{where}: tile geometry {value!r} must be {{mpp: µm/px > 0, size_px: pixels > 0, resample: name}}; rewrite it from the embeddings"
+        raise BadInput(msg)
+    return geometry(**value)

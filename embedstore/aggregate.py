@@ -346,7 +346,9 @@ def fit_learned_aggregator(
     model.expr_mean.copy_(torch.from_numpy(target[tr_idx].mean(0)))
     model.expr_std.copy_(torch.from_numpy(np.maximum(target[tr_idx].std(0), 1e-3)))
     T = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (q, nk, neighbour_expr, sims, target)]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from embedstore._adamw import AdamW
+
+    opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
 
     def run_epoch(idx: np.ndarray, train: bool) -> float:

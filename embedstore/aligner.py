@@ -21,6 +21,7 @@ import numpy as np
 
 from embedstore._checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_checkpoint, save_checkpoint
 from embedstore._optional import import_optional
+from embedstore._schema import parse_geometry
 from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ class AlignerConfig:
     """Architecture, training settings and provenance of an aligner.
 
     ``image_dim`` and ``n_genes`` of 0 mean "take them from the arrays given to :func:`fit`".
-    ``encoder_fingerprint`` and ``genes`` are recorded, not used in training: the index and
-    prediction check them against the embeddings and panel they are given.
+    ``encoder_fingerprint``, ``geometry`` (the tile geometry of the training embeddings,
+    :func:`embedstore._schema.geometry`) and ``genes`` are recorded, not used in training: the
+    index checks them against the embeddings and panel it is given.
     """
 
     image_dim: int = 0
@@ -54,11 +56,13 @@ class AlignerConfig:
     threads: int = 0  # torch CPU threads while training; 0 keeps torch's setting (1 is fastest on busy machines)
     encoder_name: str = ""
     encoder_fingerprint: str = ""
+    geometry: dict[str, Any] | None = None
     genes: tuple[str, ...] = ()
     panel_method: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "genes", tuple(str(g) for g in self.genes))
+        object.__setattr__(self, "geometry", parse_geometry(self.geometry, "aligner config key 'geometry'"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field."""
@@ -74,6 +78,8 @@ class AlignerConfig:
         if unknown:
             msg = f"{where}: unknown keys {unknown}; valid keys: {', '.join(sorted(valid))}"
             raise BadInput(msg)
+        if d.get("geometry") is not None:
+            d = {**d, "geometry": parse_geometry(d["geometry"], f"{where}: key 'geometry'")}
         return cls(**{k: (tuple(v) if k == "genes" else v) for k, v in d.items()})
 
 
@@ -308,9 +314,9 @@ def fit(
     for name, a in (("image", image_emb), ("expr", expr)):
         getattr(model, f"{name}_mean").copy_(torch.from_numpy(a[tr_idx].mean(0)))
         getattr(model, f"{name}_std").copy_(torch.from_numpy(np.maximum(a[tr_idx].std(0), 1e-6)))
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    from embedstore._adamw import AdamW
+
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     X, Y = torch.from_numpy(image_emb), torch.from_numpy(expr)
     gen = torch.Generator().manual_seed(seed)
     bs = max(2, min(cfg.batch_size, len(tr_idx)))
@@ -379,7 +385,8 @@ def save_aligner(aligner: Aligner, path: str | Path) -> Path:
     aligner
         The trained aligner.
     path
-        Folder to create (or overwrite the two files in).
+        Folder to write; an existing aligner there is replaced in one atomic swap, anything
+        else (user files, a store) is refused untouched.
     """
     return save_checkpoint(path, KIND, aligner.config.to_dict(), aligner.model)
 

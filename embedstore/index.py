@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embedstore._atomic import atomic_folder, check_replaceable
 from embedstore._knn import (
     BATCH_ENTRIES,
     build,
@@ -41,6 +40,7 @@ from embedstore._knn import (
     set_search_params,
 )
 from embedstore._optional import import_optional
+from embedstore._params import Choice, validate_manifest, validated
 from embedstore._schema import (
     META_ENCODER,
     META_KIND,
@@ -48,8 +48,11 @@ from embedstore._schema import (
     SCHEMA_VERSION,
     Col,
     check_fingerprint,
+    check_geometry,
+    parse_geometry,
 )
 from embedstore.aggregate import (
+    AGGREGATORS,
     Aggregator,
     LearnedAggregator,
     create_aggregator,
@@ -135,6 +138,13 @@ class ExemplarIndex:
         """Encoder fingerprint the index expects of query embeddings ('' if not recorded)."""
         return str(self.manifest[META_ENCODER].get("fingerprint", ""))
 
+    @property
+    def geometry(self) -> dict[str, Any] | None:
+        """Tile geometry (µm/px, tile px, resampling) the index expects of query embeddings (None if not recorded)."""
+        return parse_geometry(
+            self.manifest[META_ENCODER].get("geometry"), f"index manifest key {META_ENCODER}.geometry"
+        )
+
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
@@ -152,9 +162,23 @@ class ExemplarIndex:
             raise BadInput(msg)
 
     def check_query(
-        self, image_emb: np.ndarray, fingerprint: str | None = None, where: str = "query embeddings"
+        self,
+        image_emb: np.ndarray,
+        fingerprint: str | None = None,
+        where: str = "query embeddings",
+        geometry: dict[str, Any] | None = None,
     ) -> None:
-        """Raise when ``image_emb`` has the wrong width or ``fingerprint`` differs from the index's encoder."""
+        """Raise when ``image_emb`` has the wrong width, or ``fingerprint`` or ``geometry`` differ from the index's.
+
+        Raises
+        ------
+        BadInput
+            The width is not the index's input width.
+        FingerprintMismatch
+            Another encoder, weights or preprocessing.
+        GeometryMismatch
+            Tiles at another µm/px, size or resampling (a subclass of FingerprintMismatch).
+        """
         emb = np.asarray(image_emb)
         want = int(self.manifest["input_dim"])
         if emb.ndim != 2 or emb.shape[1] != want:
@@ -165,6 +189,8 @@ class ExemplarIndex:
             raise BadInput(msg)
         if fingerprint is not None and self.fingerprint:
             check_fingerprint(self.fingerprint, fingerprint, where)
+        # one encoder at two tilings gives one fingerprint but embeddings that do not compare
+        check_geometry(self.geometry, parse_geometry(geometry, f"{where} geometry"), where)
 
     def query_keys(
         self, image_emb: np.ndarray, fingerprint: str | None = None, where: str = "query embeddings"
@@ -198,6 +224,7 @@ class ExemplarIndex:
         sims, ids = search(self.index, keys, k, exclude)
         return keys, sims, ids
 
+    @validated(group_by=Choice(Col.SLIDE_ID, Col.PATIENT))
     def predict(
         self,
         image_emb: np.ndarray,
@@ -208,6 +235,7 @@ class ExemplarIndex:
         group_by: str = Col.SLIDE_ID,
         batch_size: int = 4096,
         fingerprint: str | None = None,
+        geometry: dict[str, Any] | None = None,
     ) -> np.ndarray:
         """Predicted log-normalised expression (N, len(genes)) float32 for new image embeddings.
 
@@ -218,8 +246,8 @@ class ExemplarIndex:
         k
             Neighbours per query.
         aggregator
-            A registered name (``"mean"``, ``"softmax"``, ``"idw"``), an :class:`Aggregator`,
-            or None for the index's default.
+            A registered name (``"mean"``, ``"softmax"``, ``"idw"``; ``"learned"`` is the
+            index's own learned aggregator), an :class:`Aggregator`, or None for the index's default.
         query_groups
             (N,) slide ids (or patients, with ``group_by="patient"``) of the queries: exemplars
             of the same group are excluded (leave-slide-out prediction on the reference).
@@ -227,10 +255,13 @@ class ExemplarIndex:
             Queries per step; memory also stays under ~64 MB of neighbour expression per step.
         fingerprint
             Encoder fingerprint of ``image_emb``; checked against the manifest when given.
+        geometry
+            Tile geometry of ``image_emb`` (:func:`embedstore._schema.geometry`); checked
+            against the manifest when given.
         """
-        agg = create_aggregator(aggregator) if isinstance(aggregator, str) else (aggregator or self.aggregator)
+        agg = self.resolve_aggregator(aggregator)
         emb = np.asarray(image_emb, dtype=np.float32)
-        self.check_query(emb, fingerprint)  # once, before any work
+        self.check_query(emb, fingerprint, geometry=geometry)  # once, before any work
         qg = None if query_groups is None else np.asarray(query_groups).astype(str)
         if qg is not None and len(qg) != len(emb):
             msg = f"query_groups: {len(qg)} values for {len(emb)} queries; give one per query"
@@ -249,6 +280,27 @@ class ExemplarIndex:
             nk = self.key_vectors[ids] if agg.needs_keys else None
             out[sl] = agg(sims, self.expression[ids], query_keys=keys, neighbour_keys=nk)
         return out
+
+    def resolve_aggregator(self, aggregator: str | Aggregator | None) -> Aggregator:
+        """The aggregator :meth:`predict` uses for ``aggregator`` (a name, an instance or None).
+
+        ``"learned"`` names the index's own trained aggregator: it has weights, so the registry
+        alone cannot build one.
+        """
+        if aggregator is None:
+            return self.aggregator
+        if not isinstance(aggregator, str):
+            return aggregator
+        if aggregator == "learned":
+            if isinstance(self.aggregator, LearnedAggregator):
+                return self.aggregator
+            msg = (
+                f"aggregator='learned' (--aggregator): this index has no learned aggregator (its own is "
+                f'{self.aggregator.name!r}); rebuild it with a recipe whose [aggregator] name = "learned", '
+                "or use mean, softmax or idw"
+            )
+            raise BadInput(msg)
+        return create_aggregator(aggregator)
 
     def fit_learned_aggregator(
         self, image_emb: np.ndarray, k: int = 50, cfg: Any = None, seed: int = 0, group_by: str = Col.SLIDE_ID
@@ -314,7 +366,8 @@ def build_exemplar_index(
     factory
         FAISS factory string; None uses :func:`default_factory`.
     encoder
-        Encoder metadata (name, fingerprint, ...) written to the manifest and checked on queries.
+        Encoder metadata (name, fingerprint, tile ``geometry``, ...) written to the manifest and
+        checked on queries.
     aggregator
         Default aggregator: a registered name or an :class:`Aggregator`.
     device, nprobe, efSearch, seed
@@ -351,8 +404,13 @@ def build_exemplar_index(
             raise BadInput(msg)
         if cfg.encoder_fingerprint and encoder.get("fingerprint"):
             check_fingerprint(cfg.encoder_fingerprint, encoder["fingerprint"], "build_exemplar_index embeddings")
+        # the aligner learnt its projection on tiles of one geometry; other tilings are other inputs
+        found = parse_geometry(encoder.get("geometry"), "build_exemplar_index encoder geometry")
+        check_geometry(cfg.geometry, found, "build_exemplar_index embeddings")
         encoder.setdefault("fingerprint", cfg.encoder_fingerprint)
         encoder.setdefault("name", cfg.encoder_name)
+        if cfg.geometry is not None:
+            encoder.setdefault("geometry", cfg.geometry)
         key_vectors = aligner.project_expression(expr) if keys == "expression" else aligner.project_images(emb)
     factory = factory or default_factory(n, key_vectors.shape[1])
     index = build(key_vectors, factory, "ip", device, seed=seed, nprobe=nprobe, efSearch=efSearch)
@@ -382,16 +440,32 @@ def build_exemplar_index(
 
 
 def save_index(idx: ExemplarIndex, path: str | Path, overwrite: bool = False) -> Path:
-    """Write ``idx`` as a directory; written to a temporary sibling and renamed, so never half-visible."""
+    """Write ``idx`` as a directory, built beside ``path`` and swapped in whole.
+
+    Parameters
+    ----------
+    idx
+        The index.
+    path
+        Folder to write. An existing exemplar index is replaced (with ``overwrite``) in one
+        atomic swap, so ``path`` holds a loadable index at every instant; anything else there
+        (user files, a store, a store's subfolder) is refused and left untouched.
+    overwrite
+        Replace an existing exemplar index.
+
+    Raises
+    ------
+    BadInput
+        ``path`` is not replaceable (see :func:`embedstore._atomic.check_replaceable`).
+    DiskFull
+        The disk ran out; the temporary folder is removed and an old index stays in place.
+    """
     faiss = import_faiss("save_index")
     pq = import_optional("pyarrow.parquet", "save_index")
     path = Path(path)
-    if path.exists() and not overwrite:
-        msg = f"{path}: already exists; pass overwrite=True or choose another folder"
-        raise BadInput(msg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    check_replaceable(path, KIND, what="exemplar index", overwrite=overwrite, folder=True)
+    size = int(idx.key_vectors.nbytes * 2 + idx.expression.nbytes + idx.exemplars.nbytes)
+    with atomic_folder(path, size_hint=size) as tmp:
         cpu = faiss.index_gpu_to_cpu(idx.index) if gpu_available() and "Gpu" in type(idx.index).__name__ else idx.index
         faiss.write_index(cpu, str(tmp / INDEX_FILE))
         table = idx.exemplars.append_column(Col.KEY, _fixed_list(idx.key_vectors)).append_column(
@@ -408,16 +482,37 @@ def save_index(idx: ExemplarIndex, path: str | Path, overwrite: bool = False) ->
             save_aligner(idx.aligner, tmp / ALIGNER_DIR)
         if isinstance(idx.aggregator, LearnedAggregator):
             idx.aggregator.save(tmp / AGGREGATOR_DIR)
+        # The manifest marks the folder as an index: written last, so a folder without it is incomplete.
         (tmp / MANIFEST_FILE).write_text(json.dumps(idx.manifest, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 
+def _inside(folder: Path, rel: Any, where: str) -> Path:
+    """``folder / rel``, refused unless it stays inside ``folder`` with every link followed.
+
+    ``where`` names the file (or the manifest file and key) the path comes from.
+    """
+    if not isinstance(rel, str) or not rel or "\0" in rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        msg = (
+            f"{where} is {rel!r}: a path in an index folder must be relative and stay inside it "
+            "(no absolute path, no '..'); rebuild the index"
+        )
+        raise BadInput(msg)
+    try:
+        target = (folder / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a link loop (RuntimeError before Python 3.13)
+        msg = f"{where}: {rel!r} cannot be followed ({e}); an index folder must hold its own files: rebuild the index"
+        raise BadInput(msg) from e
+    if not target.is_relative_to(folder.resolve()):
+        msg = (
+            f"{where}: {rel!r} leads to {target}, outside the index folder {folder} (through a link); "
+            "an index folder must hold its own files: copy them in or rebuild the index"
+        )
+        raise BadInput(msg)
+    return folder / rel
+
+
+@validated
 def load_index(
     path: str | Path, device: str = "cpu", nprobe: int | None = None, efSearch: int | None = None
 ) -> ExemplarIndex:
@@ -435,12 +530,14 @@ def load_index(
     Raises
     ------
     BadInput
-        Naming the file when a file is missing or corrupted, or the schema version differs.
+        Naming the file when a file is missing or corrupted, or the schema version differs;
+        naming the file and key when a path leads outside the folder (absolute, ``..``, a link).
     """
     faiss = import_faiss("load_index")
     pq = import_optional("pyarrow.parquet", "load_index")
     path = Path(path)
     for f in (MANIFEST_FILE, INDEX_FILE, EXEMPLARS_FILE, PANEL_FILE):
+        _inside(path, f, str(path / f))
         if not (path / f).is_file():
             msg = f"{path / f}: missing; {path} is not a complete exemplar index; pass an index folder (embedstore index build writes one)"
             raise BadInput(msg)
@@ -449,12 +546,15 @@ def load_index(
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = f"{path / MANIFEST_FILE}: not valid JSON ({e}); rebuild the index"
         raise BadInput(msg) from e
-    if not isinstance(manifest, dict) or manifest.get(META_KIND) != KIND:
-        msg = f"{path / MANIFEST_FILE}: not an exemplar index manifest; rebuild the index"
-        raise BadInput(msg)
-    if str(manifest.get(META_SCHEMA_VERSION)) != SCHEMA_VERSION:
-        msg = f"{path / MANIFEST_FILE}: schema version {manifest.get(META_SCHEMA_VERSION)}, this embedstore reads {SCHEMA_VERSION}; rebuild the index or upgrade embedstore"
-        raise BadInput(msg)
+    manifest = validate_manifest(manifest, path / MANIFEST_FILE, kind=KIND, aggregators=AGGREGATORS)
+    # An index folder is data: nothing in it may send the loader elsewhere on the disk.
+    spec = manifest["aggregator"]
+    agg_dir = None
+    if spec["name"] == "learned":
+        key = f"{path / MANIFEST_FILE}: key 'aggregator.params.path'"
+        agg_dir = _inside(path, spec["params"].get("path"), key)
+    aligner_dir = _inside(path, ALIGNER_DIR, str(path / ALIGNER_DIR)) if manifest["aligned"] else None
+    parse_geometry(manifest[META_ENCODER].get("geometry"), f"{path / MANIFEST_FILE}: key '{META_ENCODER}.geometry'")
     try:
         index = faiss.read_index(str(path / INDEX_FILE))
     except RuntimeError as e:
@@ -473,12 +573,8 @@ def load_index(
     key_vectors = _matrix(table.column(Col.KEY), dim)
     expression = _matrix(table.column(Col.EXPRESSION), len(panel))
     exemplars = table.select([Col.SLIDE_ID, Col.SPOT_ID, Col.PATIENT]).replace_schema_metadata(None)
-    aligner = load_aligner(path / ALIGNER_DIR) if manifest.get("aligned") else None
-    spec = manifest["aggregator"]
-    if spec["name"] == "learned":
-        agg = load_learned_aggregator(path / spec["params"]["path"])
-    else:
-        agg = create_aggregator(spec["name"], **spec["params"])
+    aligner = load_aligner(aligner_dir) if aligner_dir is not None else None
+    agg = load_learned_aggregator(agg_dir) if agg_dir is not None else create_aggregator(spec["name"], **spec["params"])
     if device != "cpu" and gpu_available():
         res = faiss.StandardGpuResources()
         try:

@@ -8,14 +8,16 @@ Slides are predicted one at a time, so memory is bounded by the largest slide.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from embedstore._atomic import atomic_file, check_replaceable
+from embedstore._params import Str, validated
 from embedstore._schema import OBSM_SPATIAL, UNS_KEY, Col
 from embedstore.errors import BadInput
 
@@ -62,19 +64,65 @@ def prediction_anndata(values: np.ndarray, genes: Sequence[str], obs: Any, uns: 
     return adata
 
 
-def write_h5ad(adata: Any, path: str | Path) -> Path:
-    """Write ``adata`` to ``path`` atomically (temporary file, then rename)."""
+PREDICTION_KIND = "prediction"
+MAP_KIND = "figure"
+
+
+def _h5ad_kind(path: Path) -> str | None:
+    """``uns['embedstore']['kind']`` of an existing h5ad file, read with h5py (no full load)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        node = f.get(f"uns/{UNS_KEY}/kind")
+        value = node[()] if isinstance(node, h5py.Dataset) else None
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+
+def check_prediction_out(path: str | Path, overwrite: bool = True) -> None:
+    """Refuse (:class:`BadInput`, nothing touched) an ``.h5ad`` path embedstore may not replace.
+
+    An existing file is replaced only when it is an embedstore prediction.
+    """
+    check_replaceable(path, PREDICTION_KIND, what="prediction (.h5ad)", overwrite=overwrite, reader=_h5ad_kind)
+
+
+def write_h5ad(adata: Any, path: str | Path, overwrite: bool = True) -> Path:
+    """Write ``adata`` to ``path`` atomically, stamped ``uns['embedstore']['kind'] = "prediction"``.
+
+    Parameters
+    ----------
+    adata
+        Prediction AnnData (its ``uns['embedstore']`` gains the kind stamp).
+    path
+        ``.h5ad`` file. An existing file is replaced only when it is an embedstore prediction.
+    overwrite
+        Replace an existing prediction.
+
+    Raises
+    ------
+    BadInput
+        ``path`` holds something embedstore did not write, or lies in a store.
+    DiskFull
+        The disk ran out; no temporary file is left, an old file stays as it was.
+    """
+    import anndata as ad
+    import h5py
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        adata.write_h5ad(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    check_prediction_out(path, overwrite)
+    adata.uns[UNS_KEY] = {**dict(adata.uns.get(UNS_KEY, {})), "kind": PREDICTION_KIND}
+    # HDF5 is encoded in memory, then written with plain file I/O: h5py left with a failed
+    # write (full disk, file-size limit) prints tracebacks from its finalisers and can crash
+    # the interpreter at exit, while a failed Python write is one clean OSError.
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        ad.io.write_elem(f, "/", adata)
+    with atomic_file(path, size_hint=buf.getbuffer().nbytes) as tmp:
+        tmp.write_bytes(buf.getbuffer())
     return path
 
 
+@validated(aggregator=Str())
 def predict(
     index: str | Path | Any,
     store: str | Path | Any,
@@ -132,23 +180,38 @@ def predict(
         msg = f"{st.root}: no embeddings from encoder {encoder!r} (the index's); embed the slides with --encoder {encoder}"
         raise BadInput(msg)
     k = int(k or idx.manifest.get("k", 50))
+    _check_k_and_aggregator(idx, k, aggregator)
+    if aggregator == idx.manifest["aggregator"]["name"]:
+        aggregator = None  # the index's own, with the parameters it was built with
     slides = list(slide_ids) if slide_ids else _slides(st, encoder, cohort)
+    if out is not None:  # refuse a bad output before computing anything
+        check_prediction_out(out)
+        for slide in slides if plot else ():
+            check_replaceable(_map_path(Path(out), slide), MAP_KIND, what="prediction map (.png)", option="--out")
     parts = []
-    for slide in slides:
-        # One row group (~64 MiB of vectors) at a time: memory does not grow with the slide.
-        for meta, emb in st.iter_embeddings(encoder, cohort=cohort, slide_ids=[slide]):
-            groups = None
-            if exclude_own == Col.SLIDE_ID:
-                groups = meta.column(Col.SLIDE_ID).to_numpy(zero_copy_only=False)
-            elif exclude_own:
-                groups = _patients(st, meta)
-            values = idx.predict(
-                emb, k=k, aggregator=aggregator, query_groups=groups, group_by=exclude_own or Col.SLIDE_ID,
-                fingerprint=meta.column(Col.FINGERPRINT)[0].as_py(),
-            )  # fmt: skip
-            obs = meta.select([c for c in OBS_COLUMNS if c in meta.column_names])
-            parts.append(prediction_anndata(values, idx.genes, obs))
-        LOG.info("predicted %s", slide)
+    # One row group (~64 MiB of vectors) at a time: memory does not grow with the slide. Every
+    # file's fingerprint and tile geometry are checked against the index's before the first chunk.
+    chunks = st.iter_embeddings(
+        encoder, cohort=cohort, slide_ids=slides, fingerprint=idx.fingerprint or None, geometry=idx.geometry
+    )
+    for meta, emb in chunks:
+        if not len(emb):
+            continue
+        groups = None
+        if exclude_own == Col.SLIDE_ID:
+            groups = meta.column(Col.SLIDE_ID).to_numpy(zero_copy_only=False)
+        elif exclude_own:
+            groups = _patients(st, meta)
+        values = idx.predict(
+            emb, k=k, aggregator=aggregator, query_groups=groups, group_by=exclude_own or Col.SLIDE_ID,
+            fingerprint=meta.column(Col.FINGERPRINT)[0].as_py(),
+        )  # fmt: skip
+        obs = meta.select([c for c in OBS_COLUMNS if c in meta.column_names])
+        parts.append(prediction_anndata(values, idx.genes, obs))
+        LOG.info("predicted %d tiles of %s", len(emb), meta.column(Col.SLIDE_ID)[0].as_py())
+    if not parts:
+        msg = f"{st.root}: the selected slides ({', '.join(slides[:5])}) hold no tiles of encoder {encoder!r}; embed them again"
+        raise BadInput(msg)
     adata = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
     adata.uns[UNS_KEY] = {
         "index": str(index) if isinstance(index, str | Path) else "",
@@ -162,6 +225,22 @@ def predict(
         if plot:
             _plot(adata, Path(out), image)
     return adata
+
+
+def _check_k_and_aggregator(idx: Any, k: int, aggregator: str | None) -> None:
+    """Refuse a k beyond the index and an aggregator name that is not registered or not in the index."""
+    from embedstore.aggregate import AGGREGATORS
+
+    if k > len(idx):
+        msg = f"k={k} (--k): larger than the index's {len(idx)} exemplars; pass --k {len(idx)} or less"
+        raise BadInput(msg)
+    if aggregator is None:
+        return
+    AGGREGATORS.get(aggregator)  # an unknown name lists the close matches
+    own = idx.manifest["aggregator"]["name"]
+    if aggregator == "learned" and own != "learned":
+        msg = f"aggregator='learned' (--aggregator): this index's aggregator is {own!r}; build an index whose recipe has aggregator name = \"learned\", or use mean, softmax or idw"
+        raise BadInput(msg)
 
 
 def _slides(st: Any, encoder: str, cohort: str | None) -> list[str]:
@@ -202,4 +281,9 @@ def _plot(adata: Any, out: Path, image: str | Path | None) -> None:
     genes = [adata.var_names[i] for i in variable]
     for slide in adata.obs[Col.SLIDE_ID].unique():
         sub = adata[adata.obs[Col.SLIDE_ID] == slide]
-        plot_prediction_maps(sub, thumb, scale, genes, out.with_suffix(f".{slide}.png"))
+        plot_prediction_maps(sub, thumb, scale, genes, _map_path(out, slide))
+
+
+def _map_path(out: Path, slide: str) -> Path:
+    """``<out>.<slide>.png`` beside the prediction file."""
+    return out.with_suffix(f".{slide}.png")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embedstore._params import check_aggregator_params, check_fields, validated
 from embedstore._schema import Col
 from embedstore.errors import BadInput
 
@@ -34,7 +35,7 @@ class Reference:
     embeddings: np.ndarray  # (n, D) float32
     counts: Any  # scipy CSR (n, len(genes)), raw counts
     genes: list[str]  # measured in every section of the reference
-    encoder: dict[str, Any]  # encoder metadata of the embeddings (name, cfg, fingerprint)
+    encoder: dict[str, Any]  # encoder metadata of the embeddings (name, cfg, fingerprint, tile geometry)
 
     def column(self, name: str) -> np.ndarray:
         """One obs column as a NumPy array of str (None stays None)."""
@@ -98,6 +99,9 @@ def load_reference(
             f"{store.root}: no reference slides with expression left for cohort {cohort}; check --cohort and exclusions"
         )
         raise BadInput(msg)
+    # The reference's own files: other cohorts of the store may be tiled at another geometry.
+    # Every selected file must match the first one's fingerprint and geometry (else one line naming it).
+    encoder_meta = store.encoder_metadata(encoder, cohort=cohort, slide_ids=slides)
     meta, emb = store.read_embeddings(encoder, cohort=cohort, slide_ids=slides)
     genes: list[str] | None = None
     for s in slides:  # genes measured in every section
@@ -123,10 +127,11 @@ def load_reference(
         emb[e_rows],
         sparse.csr_matrix(counts)[s_rows],
         list(genes),
-        store.encoder_metadata(encoder),
+        encoder_meta,
     )
 
 
+@validated
 def build_reference_index(
     ref: Reference,
     *,
@@ -175,6 +180,10 @@ def build_reference_index(
     from embedstore.expression import apply_panel, normalize_log1p, select_panel
     from embedstore.index import build_exemplar_index
 
+    _check_settings(aggregator, aggregator_params, aligner, "build_reference_index")
+    if k > len(ref.embeddings):
+        msg = f"build_reference_index: k={k} (--k): larger than the reference's {len(ref.embeddings)} spots; pass a smaller k"
+        raise BadInput(msg)
     panel = panel or select_panel(ref.counts, ref.genes, method=panel_method, n=n_genes)
     expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
     group_col = ref.group_column(group_by)
@@ -186,6 +195,7 @@ def build_reference_index(
                 **aligner,
                 "encoder_name": ref.encoder.get("name", ""),
                 "encoder_fingerprint": ref.encoder.get("fingerprint", ""),
+                "geometry": ref.encoder.get("geometry"),
                 "genes": list(panel.genes),
                 "panel_method": panel.method,
             },
@@ -209,6 +219,19 @@ def build_reference_index(
     return idx
 
 
+def _check_settings(aggregator: str, params: dict[str, Any] | None, aligner: dict[str, Any] | None, where: str) -> None:
+    """Aggregator name and parameters, and aligner settings (keys and types), before any data is read."""
+    from embedstore.aggregate import AGGREGATORS
+    from embedstore.aligner import AlignerConfig
+
+    check_aggregator_params(AGGREGATORS, aggregator, params or {}, f"{where} [aggregator]")
+    if aggregator == "learned" and params:
+        msg = f"{where} [aggregator]: the learned aggregator is trained here and takes no parameters; remove {', '.join(params)}"
+        raise BadInput(msg)
+    if aligner is not None:
+        check_fields(AlignerConfig, aligner, f"{where} [aligner]", ranges=False)
+
+
 def aggregator_with(name: str, params: dict[str, Any] | None) -> Any:
     """A registered aggregator by name with its parameters (``"mean"``, ``"softmax"``, ``"idw"``)."""
     from embedstore.aggregate import create_aggregator
@@ -216,6 +239,7 @@ def aggregator_with(name: str, params: dict[str, Any] | None) -> Any:
     return create_aggregator(name, **(params or {}))
 
 
+@validated
 def build_index(recipe: str | Path | Any, store: str | Path, out: str | Path, overwrite: bool = True) -> Path:
     """Index stage: rebuild an exemplar index from a recipe (``indexes/*.toml``) and a store.
 
@@ -228,12 +252,17 @@ def build_index(recipe: str | Path | Any, store: str | Path, out: str | Path, ov
     out
         Index folder to write (atomically).
     overwrite
-        Replace an existing folder.
+        Replace an existing exemplar index (only an index: a folder holding anything else, a
+        store or a store's subfolder is refused, untouched).
     """
-    from embedstore.index import save_index
+    from embedstore._atomic import check_replaceable
+    from embedstore.index import KIND, save_index
     from embedstore.recipes import Recipe, load_recipe
 
+    # Refuse a bad --out before the minutes of training; save_index checks again before the swap.
+    check_replaceable(out, KIND, what="exemplar index", overwrite=overwrite, folder=True)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    _check_settings(r.aggregator.name, r.aggregator.params, r.aligner, r.source or r.name)  # before the reading
     ref = load_reference(
         store, r.encoder, cohort=r.cohort, slide_ids=list(r.slides) or None, exclude_slides=r.exclude_slides
     )
@@ -250,6 +279,7 @@ def build_index(recipe: str | Path | Any, store: str | Path, out: str | Path, ov
     return save_index(idx, out, overwrite=overwrite)
 
 
+@validated
 def train_aligner(
     store: str | Path,
     encoder: str,
@@ -269,7 +299,7 @@ def train_aligner(
     store, encoder, cohort
         Where the reference embeddings and expression are.
     out
-        Folder to write the aligner to.
+        Folder to write the aligner to; an existing aligner there is replaced, anything else refused.
     panel_method, n_genes
         Gene panel, chosen on this reference.
     group_by
@@ -280,8 +310,12 @@ def train_aligner(
         :class:`~embedstore.aligner.AlignerConfig` fields (``proj_dim``, ``max_epochs``, ...).
     """
     from embedstore import aligner as aligner_mod
+    from embedstore._atomic import check_replaceable
     from embedstore.expression import apply_panel, normalize_log1p, select_panel
 
+    # Refuse a bad out before training; save_aligner checks again before the swap.
+    check_replaceable(out, aligner_mod.KIND, what="aligner checkpoint", overwrite=True, folder=True)
+    _check_settings("mean", None, settings, "train_aligner")
     ref = load_reference(store, encoder, cohort=cohort)
     panel = select_panel(ref.counts, ref.genes, method=panel_method, n=n_genes)
     expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
@@ -290,6 +324,7 @@ def train_aligner(
             **settings,
             "encoder_name": ref.encoder.get("name", ""),
             "encoder_fingerprint": ref.encoder.get("fingerprint", ""),
+            "geometry": ref.encoder.get("geometry"),
             "genes": list(panel.genes),
             "panel_method": panel.method,
         },

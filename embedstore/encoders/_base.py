@@ -398,46 +398,118 @@ def looks_like_path(s: str) -> bool:
     return s.startswith((".", "~")) or "/" in s or "\\" in s or s.lower().endswith(_WEIGHT_SUFFIXES)
 
 
-def missing_weights(encoder: str, repo: str, reason: str) -> MissingWeights:
-    """The one-line error for weights that cannot be had."""
-    msg = (
-        f"{encoder}: weights for {repo} are not available ({reason}); set HF_TOKEN (or `hf auth login`) and "
-        f"accept the licence at https://huggingface.co/{repo}, or pass weights=local-dir:/path/to/folder"
+def missing_weights(encoder: str, repo: str, reason: str, hint: str | None = None) -> MissingWeights:
+    """The one-line error for weights that cannot be had; ``hint`` replaces the token/licence advice."""
+    hint = hint or (
+        f"set HF_TOKEN (or `hf auth login`) and accept the licence at https://huggingface.co/{repo}, "
+        "or pass weights=local-dir:/path/to/folder"
     )
-    return MissingWeights(msg)
+    return MissingWeights(f"{encoder}: weights for {repo} are not available ({reason}); {hint}")
+
+
+def offline_hint(repo: str, gated: bool) -> str:
+    """How to get a repository's weights onto a machine without internet (an HPC compute node)."""
+    login = "`hf auth login`, accept its licence, then " if gated else ""
+    return (
+        f"on a machine with internet (e.g. a login node) {login}run `hf download {repo}` and set HF_HOME here to "
+        "that machine's HF_HOME (shared or copied), or pass weights=local-dir:/path/to/folder "
+        "(--weights local-dir:/path/to/folder)"
+    )
+
+
+# Seconds the reachability probe waits; HF_HUB_ETAG_TIMEOUT overrides it, as it does the hub client's own.
+PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> str:
+    """Why ``endpoint`` does not answer one HEAD request, or ``""`` when it answers.
+
+    One request, no retries: any HTTP status counts as an answer, and so does a TLS error
+    (something answered; certificates are the hub client's business).
+    """
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+            return ""
+    except urllib.error.HTTPError:
+        return ""
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            return ""
+        return str(getattr(e.reason, "strerror", None) or e.reason)
+    except (OSError, http.client.HTTPException, ValueError) as e:  # read timeout, reset, bad status, bad URL
+        return str(e) or type(e).__name__
+
+
+def _offline_var() -> str:
+    """``"HF_HUB_OFFLINE=1"`` (or TRANSFORMERS_OFFLINE) when the user put the hub client offline, else ``""``."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(var, "").strip()
+        if value.lower() in ("1", "true", "yes", "on"):
+            return f"{var}={value}"
+    return ""
+
+
+def _probe_timeout() -> float:
+    try:
+        seconds = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT_S)
+    except ValueError:
+        return PROBE_TIMEOUT_S
+    return seconds if 0 < seconds < float("inf") else PROBE_TIMEOUT_S
 
 
 def _hub_download(cfg: EncoderCfg, repo: str, filenames: tuple[str, ...]) -> Path:
-    """Fetch the first of ``filenames`` that ``repo`` has, through the hub cache."""
+    """Fetch the first of ``filenames`` that ``repo`` has, through the hub cache.
+
+    Unless the user set ``HF_HUB_OFFLINE``, one short probe of the hub comes first: the hub
+    client retries every file name with back-off (half a minute of warnings on a compute node
+    without internet), so an unreachable hub means "the cache only", decided once.
+    """
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline_var = _offline_var()
+    local_only = bool(offline_var)
     reason = "not found in the repository"
+    hint = None
+    if offline_var:
+        reason = f"offline ({offline_var}) and not in the hub cache"
+    else:
+        why = hub_unreachable(constants.ENDPOINT, _probe_timeout())
+        if why:
+            LOG.info("%s: %s did not answer (%s); looking in the hub cache only", cfg.name, constants.ENDPOINT, why)
+            local_only = True
+            reason = f"the hub at {constants.ENDPOINT} is not reachable ({why}) and they are not in the hub cache"
+            hint = offline_hint(repo, cfg.gated)
     for fn in filenames:
         try:
             # look the module attribute up at call time so tests can monkeypatch hf_hub_download
-            path = huggingface_hub.hf_hub_download(repo, fn, local_files_only=offline)
+            path = huggingface_hub.hf_hub_download(repo, fn, local_files_only=local_only)
             return Path(path)
         except hf_errors.GatedRepoError:
-            reason = "gated repository and this account has no access"
+            reason, hint = "gated repository and this account has no access", None
             break
         except hf_errors.RepositoryNotFoundError:
-            reason = "repository not found, or private and no token given"
+            reason, hint = "repository not found, or private and no token given", None
             break
         except hf_errors.LocalEntryNotFoundError:
-            # not cached (offline, or the hub unreachable): another file name may still be cached, so go
-            # on, but through the cache only, so that an unreachable hub costs one timeout, not six
-            reason = (
-                "offline (HF_HUB_OFFLINE=1) and not in the hub cache" if offline else "hub not reachable and not cached"
-            )
-            offline = True
+            # not cached and the hub failed after the probe: another file name may still be cached, so go
+            # on, but through the cache only, so that a lost connection costs one timeout, not six
+            if not local_only:
+                reason = "the hub stopped answering and they are not in the hub cache"
+                hint = offline_hint(repo, cfg.gated)
+            local_only = True
         except hf_errors.EntryNotFoundError:
             continue  # the repository has no such file: try the next name
         except (OSError, ValueError) as e:  # network errors, bad tokens
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'download failed'}"
-            offline = True
-    raise missing_weights(cfg.name, repo, reason)
+            local_only = True
+    raise missing_weights(cfg.name, repo, reason, hint)
 
 
 def resolve_weights(cfg: EncoderCfg, weights: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
