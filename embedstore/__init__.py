@@ -16,6 +16,7 @@ _EXPORTS = {
     "open_slide": "embedstore.slides",
     "tile": "embedstore.tiling",
     "embed": "embedstore.embedding",
+    "check_store": "embedstore.embedding",
     "sql": "embedstore.store",
     "open_store": "embedstore.store",
     "train_aligner": "embedstore.reference",

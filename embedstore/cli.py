@@ -1,10 +1,12 @@
 """The ``embedstore`` command: one subcommand per stage, each one public call.
 
-Errors that embedstore raises on purpose (``EmbedstoreError``) print one line and exit 2.
+Errors that embedstore raises on purpose (``EmbedstoreError``) print one line and exit 2
+(1 for a full disk or file-size limit, which is not the user's input).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -110,13 +112,27 @@ def embed(
 @app.command()
 def sql(
     store: InputPath,
-    query: Annotated[str, typer.Argument(help="SQL over the views embeddings, slides, spots, expression.")],
+    query: Annotated[
+        str,
+        typer.Argument(help="SQL over the views embeddings_<encoder>, encoders, slides, spots, expression."),
+    ],
     output: Annotated[str, typer.Option(help="table, csv or json.")] = "table",
-    write: Annotated[bool, typer.Option(help="Allow statements that write.")] = False,
+    write: Annotated[
+        bool,
+        typer.Option(help="Allow statements that write: in-memory tables, and files inside the store folder only."),
+    ] = False,
 ) -> None:
-    """Run SQL on a store in DuckDB and print the result."""
+    """Run SQL on a store in DuckDB and print the result.
+
+    Read-only by default: the query sees the store only through its views and opens no file.
+    `embeddings` exists in a store of one encoder; with several, query embeddings_<encoder>.
+    """
+    from embedstore.errors import BadInput
     from embedstore.store import open_store
 
+    if output not in ("table", "csv", "json"):
+        msg = f"--output {output}: not a known format; use table, csv or json"
+        raise BadInput(msg)
     df = open_store(store, read_only=not write).sql(query)
     if output == "csv":
         typer.echo(df.to_csv(index=False), nl=False)
@@ -124,6 +140,32 @@ def sql(
         typer.echo(df.to_json(orient="records"))
     else:
         typer.echo(df.to_string(index=False, max_rows=200))
+
+
+@app.command()
+def check(
+    store: InputPath,
+    repair: Annotated[
+        bool, typer.Option(help="Move damaged files to STORE/_quarantine, clear stale staging, re-embed damaged slides.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (for re-embedding).")] = "auto",
+) -> None:
+    """Verify every file of a store (like git fsck); exit 1 while problems remain."""
+    from embedstore.embedding import check_store
+
+    report = check_store(store, repair=repair, device=device)
+    for line in report.found:
+        typer.echo(f"problem: {line}")
+    for line in report.repaired:
+        typer.echo(f"repaired: {line}")
+    if repair:
+        for line in report.remaining:
+            typer.echo(f"remains: {line}")
+    for line in report.notes:
+        typer.echo(f"note: {line}")
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @index_app.command("build")
@@ -207,9 +249,15 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: run the app, turning EmbedstoreError into one line and exit code 2."""
+    """Entry point: run the app, turning EmbedstoreError into one line and its exit code (2; 1 for a full disk)."""
     try:
         app()
     except EmbedstoreError as e:
         typer.echo(f"embedstore: error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        # A full disk hit outside embedstore's own writers (a log line, a library's cache).
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        typer.echo(f"embedstore: error: {e.filename or 'output'}: {e.strerror}; free space, then rerun", err=True)
+        sys.exit(1)

@@ -10,14 +10,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embedstore"
 # Top-level modules in data-flow order; a module may import only those before it (and itself).
 ORDER = [
     "errors",
-    "_optional", "_registry", "_schema", "_checkpoint", "metrics", "probe",
+    "_atomic",
+    "_optional", "_registry", "_schema", "_params", "_checkpoint", "metrics", "probe",
     "recipes",
     "slides", "spots", "expression",
     "tiling",
     "encoders",
     "store",
     "embedding",
-    "_knn", "aggregate", "aligner",
+    "_knn", "_adamw", "aggregate", "aligner",
     "index",
     "reference",
     "_report_plots", "report",
