@@ -112,3 +112,25 @@ def test_corrupted_or_mismatched_checkpoint_names_the_file(tmp_path):
         AlignerConfig.from_dict({"bogus": 1})
     with pytest.raises(BadInput, match="aligner folder not found"):
         load_aligner(tmp_path / "nowhere")
+
+
+def test_adamw_matches_torch_optim_bit_for_bit():
+    """The aligner's optimizer (kept off torch.optim, whose first use imports the compiler) is torch's AdamW."""
+    import torch
+
+    from embedstore._adamw import AdamW
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    theirs = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(32, 8)
+    for model, opt in (
+        (ours, AdamW(ours.parameters(), lr=3e-3, weight_decay=0.05)),
+        (theirs, torch.optim.AdamW(theirs.parameters(), lr=3e-3, weight_decay=0.05)),
+    ):
+        for _ in range(40):
+            opt.zero_grad()
+            (model(x) ** 2).mean().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters(), strict=True))
