@@ -200,9 +200,9 @@ def embed(
     """
     from embedstore.encoders import DEFAULT_ENCODER, create_encoder
     from embedstore.store import open_store
+    from embedstore.store._files import check_name
 
-    out = open_store(store, read_only=False)
-    out.check_writable()  # fail before any compute
+    # The input is read and checked before the store folder is created, so bad input leaves nothing.
     jobs, default_cohort = find_jobs(data, mpp=mpp, mpp_csv=mpp_csv)
     if slide_ids is not None:
         unknown = sorted(set(slide_ids) - {j.slide_id for j in jobs})
@@ -210,7 +210,9 @@ def embed(
             msg = f"{data}: no slides {', '.join(unknown[:5])} here; check the ids (slide ids are file names without suffix)"
             raise BadInput(msg)
         jobs = [j for j in jobs if j.slide_id in set(slide_ids)]
-    cohort = cohort or default_cohort
+    cohort = check_name(cohort or default_cohort, "cohort")
+    out = open_store(store, read_only=False)
+    out.check_writable()  # before the model is loaded and any tile is read
     enc = create_encoder(encoder or DEFAULT_ENCODER, weights=weights).to(device)
     target_mpp = target_mpp or enc.cfg.target_mpp
     meta = enc.metadata()

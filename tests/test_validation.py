@@ -413,3 +413,17 @@ def test_mpp_csv_values_are_checked_and_the_file_named(synthetic_slide_path, tmp
         es.embed(synthetic_slide_path, tmp_path / "store", mpp_csv=csv)
     assert str(e.value).startswith(str(csv))
     assert needle in str(e.value)
+
+
+def test_embed_of_bad_data_creates_no_store(tmp_path):
+    """The data is resolved before the store folder is made: a typo in the path leaves nothing behind."""
+    (tmp_path / "empty").mkdir()
+    for data in (tmp_path / "missing", tmp_path / "empty"):
+        result = subprocess.run(
+            [sys.executable, "-m", "embedstore", "embed", str(data), "--store", str(tmp_path / "store")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert str(data) in result.stderr
+    assert not (tmp_path / "store").exists()
