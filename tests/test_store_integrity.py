@@ -207,6 +207,8 @@ def test_damaged_pages_under_an_intact_footer(reference, tmp_path, synthetic_coh
     path.write_bytes(bytes(data))
     with pytest.raises(DamagedFile, match=r"tiles\.parquet: unreadable data .*embedstore check .* --repair"):
         open_store(store).read_embeddings("builtin")
+    with pytest.raises(BadInput, match=r"embedstore check .* --repair"):
+        open_store(store).sql("SELECT sum(embedding[1]) FROM embeddings")
     data[start : start + 64] = path.read_bytes()[start : start + 64]
     data[start + 200 : start + 600] = bytes(400)  # the floats only: the page CRC catches it
     path.write_bytes(bytes(data))

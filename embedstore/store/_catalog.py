@@ -276,8 +276,13 @@ def _sql_error(catalog: Catalog, e: BaseException) -> BadInput:
             f"query: {text}; the store is open read-only: use --write / open_store(path, read_only=False) "
             "for statements that write"
         )
-    elif "registered as '_src_" in text or isinstance(e, FileNotFoundError):  # a file of a view went away
+    elif isinstance(e, FileNotFoundError) or ("registered as '_src_" in text and "No such file" in text):
         msg = f"query: {text}; the store's files changed since its views were made: open the store again"
+    elif "registered as '_src_" in text or isinstance(e, pa.ArrowException | OSError):  # a view's file is unreadable
+        msg = (
+            f"query: {text}; a file of the store is damaged: `embedstore check {catalog.root}` names it "
+            f"and `embedstore check {catalog.root} --repair` rebuilds it"
+        )
     else:
         msg = f"query: {text}; fix the SQL (views: {_VIEWS}; macro cosine(a, b))"
     return BadInput(msg)
