@@ -91,8 +91,9 @@ def load_reference(
     cohorts = [cohort] if isinstance(cohort, str) else cohort
     listing = store.sql("SELECT cohort, slide_id FROM slides WHERE encoder = ?", params=[encoder])
     embedded = {s for c, s in zip(listing.cohort, listing.slide_id, strict=True) if cohorts is None or c in cohorts}
+    excluded = set(exclude_slides)
     slides = [
-        s for s in dict.fromkeys(spots.column(Col.SLIDE_ID).to_pylist()) if s not in set(exclude_slides) and s in embedded
+        s for s in dict.fromkeys(spots.column(Col.SLIDE_ID).to_pylist()) if s not in excluded and s in embedded
     ]
     if not slides:
         msg = (
@@ -106,7 +107,8 @@ def load_reference(
     genes: list[str] | None = None
     for s in slides:  # genes measured in every section
         _, g, _ = store.read_expression(cohort=cohort, slide_ids=[s], genes=None)
-        genes = g if genes is None else [x for x in genes if x in set(g)]
+        measured = set(g)  # built once per section, not once per gene
+        genes = g if genes is None else [x for x in genes if x in measured]
     obs, genes, counts = store.read_expression(cohort=cohort, slide_ids=slides, genes=genes)
     key = lambda t: list(zip(t.column(Col.SLIDE_ID).to_pylist(), t.column(Col.SPOT_ID).to_pylist(), strict=True))  # noqa: E731
     where = {k: i for i, k in enumerate(key(obs))}
