@@ -362,16 +362,34 @@ def test_bad_input_messages(store, tmp_path):
         store.read_embeddings("nope")
     with pytest.raises(BadInput, match="no store folder here"):
         open_store(tmp_path / "missing")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may write to: mode 0500, or, for root (whom modes do not stop), a read-only tmpfs."""
     ro_dir = tmp_path / "ro"
     ro_dir.mkdir()
-    ro_dir.chmod(0o500)
-    try:
-        if os.access(ro_dir, os.W_OK):  # running as root: permissions do not apply
-            return
-        with pytest.raises(BadInput, match=f"{ro_dir}: not writable"):
-            open_store(ro_dir, read_only=False).check_writable()
-    finally:
+    if os.geteuid() != 0:
+        ro_dir.chmod(0o500)
+        yield ro_dir
         ro_dir.chmod(0o700)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro_dir)], capture_output=True, check=False)
+    assert mounted.returncode == 0, mounted.stderr
+    yield ro_dir
+    subprocess.run(["umount", "-l", str(ro_dir)], check=False)
+
+
+def test_a_read_only_store_folder_is_one_line(read_only_dir):
+    with pytest.raises(BadInput, match=f"{read_only_dir}: not writable"):
+        open_store(read_only_dir, read_only=False).check_writable()
+    result = subprocess.run(
+        [sys.executable, "-m", "embedstore", "sql", str(read_only_dir), "SELECT 1", "--write"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"{read_only_dir}: not writable" in result.stderr
 
 
 def test_iter_embeddings_chunks_equal_the_bulk_read(store, monkeypatch):
