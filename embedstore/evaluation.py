@@ -535,7 +535,7 @@ def _merge_folds(fold_metrics: list[dict[str, Any]], folds: list[str]) -> dict[s
 
 
 def _verdicts(metrics: dict[str, Any]) -> list[str]:
-    """Plain statements of what the numbers say about the issue's two questions."""
+    """Plain statements of what the numbers say: the best method, whether the aligner beats raw kNN, and the ridge probe."""
     notes = []
     methods = metrics["methods"]
     for gs in next(iter(methods.values()))["gene_sets"]:

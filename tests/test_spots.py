@@ -28,7 +28,7 @@ MOB_SPOTS = {"MOB1": 379, "MOB2": 407, "MOB3": 438, "MOB4": 403}
 
 
 def write_tiff(path, width, height, mpp=None):
-    """Small pyramidal TIFF in the page layout OpenSlide reads (see ENV.md)."""
+    """Small pyramidal TIFF in the page layout OpenSlide reads (it shows SubIFD pyramids as one level)."""
     img = np.full((height, width, 3), 235, np.uint8)
     kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
     path.parent.mkdir(parents=True, exist_ok=True)
