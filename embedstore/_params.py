@@ -179,6 +179,19 @@ class Str(Spec):
 
 
 @dataclasses.dataclass(frozen=True)
+class Text(Spec):
+    """Any string, empty included (a setting whose empty value means "not recorded")."""
+
+    def rule(self) -> str:
+        """What the value must be."""
+        return "a string"
+
+    def ok(self, value: Any) -> bool:
+        """A string."""
+        return isinstance(value, str)
+
+
+@dataclasses.dataclass(frozen=True)
 class StrList(Spec):
     """A list (or tuple) of non-empty strings; a bare string is refused, not split into letters."""
 

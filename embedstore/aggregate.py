@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import numpy as np
 
 from embedstore._checkpoint import load_weights, read_checkpoint, save_checkpoint
 from embedstore._optional import import_optional
+from embedstore._params import Float, Int, check_fields
 from embedstore._registry import Registry
 from embedstore.errors import BadInput
 
@@ -184,12 +185,26 @@ class LearnedAggregatorConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "aggregator config") -> LearnedAggregatorConfig:
         """Build from a dict; unknown keys are an error listing the valid ones."""
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - valid)
-        if unknown:
-            msg = f"{where}: unknown keys {unknown}; valid keys: {', '.join(sorted(valid))}"
+        if not isinstance(d, dict):
+            msg = f"{where}: the settings must be a table of key = value, not {type(d).__name__}; re-save the aggregator"
             raise BadInput(msg)
+        check_fields(cls, d, where, ranges=False, **LEARNED_FIELD_RULES)
         return cls(**d)
+
+
+# Ranges of the settings, checked wherever they are read (key_dim and n_genes of 0 are filled by the fit).
+LEARNED_FIELD_RULES = {
+    "key_dim": Int(min=0),
+    "n_genes": Int(min=0),
+    "hidden": Int(min=1),
+    "dropout": Float(ge=0, lt=1),
+    "lr": Float(gt=0),
+    "weight_decay": Float(ge=0),
+    "batch_size": Int(min=1),
+    "max_epochs": Int(min=1),
+    "patience": Int(min=1),
+    "val_fraction": Float(ge=0, lt=1),
+}
 
 
 @cache

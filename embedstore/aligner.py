@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 
 from embedstore._checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_checkpoint, save_checkpoint
 from embedstore._optional import import_optional
+from embedstore._params import Float, Int, Text, check_fields
 from embedstore._schema import parse_geometry
 from embedstore.errors import BadInput
 
@@ -73,14 +74,35 @@ class AlignerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "aligner config") -> AlignerConfig:
         """Build from a dict; unknown keys are an error listing the valid ones."""
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - valid)
-        if unknown:
-            msg = f"{where}: unknown keys {unknown}; valid keys: {', '.join(sorted(valid))}"
+        if not isinstance(d, dict):
+            msg = f"{where}: the settings must be a table of key = value, not {type(d).__name__}; re-save the aligner"
             raise BadInput(msg)
+        check_fields(cls, d, where, ranges=False, **FIELD_RULES)
         if d.get("geometry") is not None:
             d = {**d, "geometry": parse_geometry(d["geometry"], f"{where}: key 'geometry'")}
         return cls(**{k: (tuple(v) if k == "genes" else v) for k, v in d.items()})
+
+
+# Ranges of the settings, checked wherever they are read (recipes, evaluate, config.json files).
+# image_dim and n_genes of 0 are filled from the data when training starts.
+FIELD_RULES = {
+    "image_dim": Int(min=0),
+    "n_genes": Int(min=0),
+    "proj_dim": Int(min=1),
+    "expr_hidden": Int(min=0),
+    "dropout": Float(ge=0, lt=1),
+    "temperature": Float(gt=0),
+    "lr": Float(gt=0),
+    "weight_decay": Float(ge=0),
+    "batch_size": Int(min=2),
+    "max_epochs": Int(min=1),
+    "patience": Int(min=1),
+    "val_fraction": Float(ge=0, lt=1),
+    "threads": Int(min=0),
+    "encoder_name": Text(),
+    "encoder_fingerprint": Text(),
+    "panel_method": Text(),
+}
 
 
 @cache

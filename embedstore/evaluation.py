@@ -130,9 +130,9 @@ def evaluate(
             msg = f"{data}: no such data set; pass an ST data set folder (her2st, STUtility, Visium outs or HEST)"
             raise BadInput(msg)
     if aligner is not None:
-        from embedstore.aligner import AlignerConfig
+        from embedstore.aligner import FIELD_RULES, AlignerConfig
 
-        check_fields(AlignerConfig, aligner, "evaluate aligner settings", ranges=False)
+        check_fields(AlignerConfig, aligner, "evaluate aligner settings", ranges=False, **FIELD_RULES)
     check_data_sets(reference, query, k=k, n_genes=n_genes)  # seconds, before minutes of embedding
     out = Path(out)
     store = Path(store) if store else out / "store"

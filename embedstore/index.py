@@ -575,6 +575,7 @@ def load_index(
     exemplars = table.select([Col.SLIDE_ID, Col.SPOT_ID, Col.PATIENT]).replace_schema_metadata(None)
     aligner = load_aligner(aligner_dir) if aligner_dir is not None else None
     agg = load_learned_aggregator(agg_dir) if agg_dir is not None else create_aggregator(spec["name"], **spec["params"])
+    _check_parts_agree(path, manifest, panel, aligner, agg)
     if device != "cpu" and gpu_available():
         res = faiss.StandardGpuResources()
         try:
@@ -585,3 +586,27 @@ def load_index(
             LOG.info("load_index: keeping %s on the CPU (%s)", manifest["factory"], e)
     set_search_params(index, nprobe=nprobe, efSearch=efSearch)
     return ExemplarIndex(index, exemplars, expression, key_vectors, panel, aligner, agg, manifest)
+
+
+def _check_parts_agree(path: Path, manifest: dict[str, Any], panel: Panel, aligner: Any, agg: Any) -> None:
+    """Raise BadInput naming both files when the folder's parts were not made together."""
+    sizes = [(MANIFEST_FILE, "n_genes", int(manifest["n_genes"]), PANEL_FILE, len(panel))]
+    if aligner is not None:
+        cfg, where = aligner.config, f"{ALIGNER_DIR}/config.json"
+        if cfg.genes and tuple(cfg.genes) != tuple(panel.genes):
+            msg = f"{path / where}: trained on genes {list(cfg.genes)[:3]}..., which are not the panel of {path / PANEL_FILE}; rebuild the index"
+            raise BadInput(msg)
+        sizes += [
+            (where, "image_dim", cfg.image_dim, MANIFEST_FILE + " input_dim", int(manifest["input_dim"])),
+            (where, "n_genes", cfg.n_genes, PANEL_FILE, len(panel)),
+        ]
+    if isinstance(agg, LearnedAggregator):
+        where = f"{AGGREGATOR_DIR}/config.json"
+        sizes += [
+            (where, "n_genes", agg.config.n_genes, PANEL_FILE, len(panel)),
+            (where, "key_dim", agg.config.key_dim, MANIFEST_FILE + " dim", int(manifest["dim"])),
+        ]
+    for file, key, value, other, want in sizes:
+        if value != want:
+            msg = f"{path / file}: {key} = {value}, but {other} says {want}; the folder's parts come from different builds, rebuild the index"
+            raise BadInput(msg)

@@ -224,14 +224,14 @@ def build_reference_index(
 def _check_settings(aggregator: str, params: dict[str, Any] | None, aligner: dict[str, Any] | None, where: str) -> None:
     """Aggregator name and parameters, and aligner settings (keys and types), before any data is read."""
     from embedstore.aggregate import AGGREGATORS
-    from embedstore.aligner import AlignerConfig
+    from embedstore.aligner import FIELD_RULES, AlignerConfig
 
     check_aggregator_params(AGGREGATORS, aggregator, params or {}, f"{where} [aggregator]")
     if aggregator == "learned" and params:
         msg = f"{where} [aggregator]: the learned aggregator is trained here and takes no parameters; remove {', '.join(params)}"
         raise BadInput(msg)
     if aligner is not None:
-        check_fields(AlignerConfig, aligner, f"{where} [aligner]", ranges=False)
+        check_fields(AlignerConfig, aligner, f"{where} [aligner]", ranges=False, **FIELD_RULES)
 
 
 def aggregator_with(name: str, params: dict[str, Any] | None) -> Any:

@@ -196,7 +196,7 @@ def test_aligner_records_and_checks_geometry(tmp_path, one_torch_thread):
 def test_aligner_config_with_a_bad_geometry_names_the_file():
     from embedstore.aligner import AlignerConfig
 
-    with pytest.raises(BadInput, match=r"^x/config\.json: key 'geometry': tile geometry \[0\.5, 224\] must be"):
+    with pytest.raises(BadInput, match=r"^x/config\.json: geometry = \[0\.5, 224\]: must be a table"):
         AlignerConfig.from_dict({"geometry": [0.5, 224]}, "x/config.json")
 
 
@@ -280,3 +280,62 @@ def test_predict_learned_by_name_on_an_index_without_one(store, tmp_path):
     )
     assert "aggregator='learned' (--aggregator)" in line
     assert "'mean'" in line
+
+
+# --------------------------------------------------------------------------- checkpoint configs are data too
+
+
+@pytest.fixture(scope="module")
+def aligned_dir(tmp_path_factory):
+    from embedstore.aligner import AlignerConfig, fit
+
+    emb, expr, slides = _arrays()
+    panel = Panel(tuple(f"g{i}" for i in range(G)), "list")
+    meta = {"name": "builtin", "fingerprint": "f" * 16, "geometry": GEOM_A}
+    cfg = AlignerConfig(proj_dim=8, max_epochs=2, genes=panel.genes, encoder_name="builtin", encoder_fingerprint="f" * 16, geometry=GEOM_A)
+    model = fit(emb, expr, slides, cfg, 0)
+    idx = build_exemplar_index(emb, expr, panel, slides, [str(i) for i in range(N)], aligner=model, factory="Flat", encoder=meta)
+    return idx.save(tmp_path_factory.mktemp("aligned") / "idx")
+
+
+def _edit_config(src, dst, sub, edit):
+    shutil.copytree(src, dst)
+    path = dst / sub / "config.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda d: d["config"].update(proj_dim="8"), "proj_dim = '8': must be an integer >= 1"),
+        (lambda d: d["config"].update(proj_dim=-3), "proj_dim = -3: must be an integer >= 1"),
+        (lambda d: d["config"].update(lr=float("nan")), "lr = nan: must be a finite number > 0"),
+        (lambda d: d.update(config=[]), "must be a table of key = value"),
+        (lambda d: d["config"].update(genes=d["config"]["genes"][:3]), "which are not the panel of"),
+    ],
+)
+def test_a_tampered_aligner_config_is_one_line(aligned_dir, tmp_path, edit, needle):
+    config = _edit_config(aligned_dir, tmp_path / "idx", "aligner", edit)
+    with pytest.raises(BadInput) as e:
+        load_index(tmp_path / "idx")
+    assert str(config) in str(e.value)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda d: d["config"].update(hidden="8"), "hidden = '8': must be an integer >= 1"),
+        (lambda d: d["config"].update(dropout=1.5), "dropout = 1.5: must be a finite number"),
+        (lambda d: d.update(config="x"), "must be a table of key = value"),
+    ],
+)
+def test_a_tampered_aggregator_config_is_one_line(learned_dir, tmp_path, edit, needle):
+    config = _edit_config(learned_dir, tmp_path / "idx", "aggregator", edit)
+    with pytest.raises(BadInput) as e:
+        load_index(tmp_path / "idx")
+    assert str(config) in str(e.value)
+    assert needle in str(e.value)
