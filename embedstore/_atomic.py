@@ -527,7 +527,7 @@ def check_replaceable(
         return False
     if path.is_dir() and not path.is_symlink():
         if is_store(path):
-            msg = f"{path}: this is an embedstore store, not a {what}; choose another {option}"
+            msg = f"{path}: this is an embedstore store, not the {what} to write; choose another {option}"
             raise BadInput(msg)
         if not folder:
             msg = f"{path}: is a folder; {option} names the {what} file to write, give a file path"
