@@ -217,6 +217,19 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+def _follow_umask(path: Path) -> None:
+    """Give what is about to be published the modes of a plain file or folder under the umask.
+
+    Some writers create private files (safetensors writes 0600), which a lab's shared group
+    could then not read; published outputs follow the user's umask like any file they make.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -291,6 +304,7 @@ def atomic_file(dest: str | Path, *, tmp_dir: str | Path | None = None, size_hin
         remove_stale(dest, tmp_folder)
         _check_size_limit(dest, size_hint)
         yield tmp
+        _follow_umask(tmp)
         _fsync_file(tmp)
         tmp.replace(dest)
         fsync_dir(dest.parent)
@@ -349,6 +363,7 @@ def atomic_folder(dest: str | Path, *, size_hint: int = 0) -> Iterator[Path]:
     dest = Path(dest)
     with temp_dir(dest, size_hint=size_hint) as tmp:
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
         swap_in(tmp, dest)  # the old folder, if any, is now at tmp and goes with it
         fsync_dir(dest.parent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -283,3 +284,16 @@ def test_evaluate_keeps_a_users_file_under_a_result_name(tmp_path, cohort):
     assert (out / "report.html").read_text() == "my own report"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert any((out / "store").iterdir())  # the embeddings are kept for the rerun
+
+
+def test_published_outputs_follow_the_umask(index, tmp_path):
+    """A lab's shared group reads what embedstore writes: nothing is published private (safetensors writes 0600)."""
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        out = es.load_index(index).save(tmp_path / "shared.index")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert all(m == (0o775 if (out / p).is_dir() else 0o664) for p, m in modes.items()), modes
