@@ -2,7 +2,8 @@
 
 A recipe names everything needed to rebuild an index from a store: the reference
 cohort, the encoder, the gene panel, the aligner settings, the FAISS factory string,
-the aggregator and k. The repository's ``indexes/`` folder is searched first, then the
+the aggregator and k. The recipes shipped with embedstore (the repository's ``indexes/``,
+installed as package data) are searched first, then the
 folders in ``EMBEDSTORE_RECIPES`` (``:``-separated), then folders added with
 :func:`add_recipe_dir`, as open_clip does for model configs.
 """
@@ -10,6 +11,7 @@ folders in ``EMBEDSTORE_RECIPES`` (``:``-separated), then folders added with
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
@@ -20,8 +22,22 @@ from embedstore.errors import BadInput
 
 __all__ = ["PanelSpec", "Recipe", "add_recipe_dir", "list_recipes", "load_recipe"]
 
-_REPO_INDEXES = Path(__file__).resolve().parent.parent / "indexes"
-_RECIPE_DIRS: list[Path] = [_REPO_INDEXES] + [
+
+
+def _shipped_recipe_dirs() -> list[Path]:
+    """The recipes shipped with embedstore: the package data ``embedstore.indexes``.
+
+    The repository's ``indexes/`` folder is that package (``package-dir`` in pyproject.toml),
+    so a wheel carries it and an editable install reads the folder itself; a source tree
+    used without installing falls back to the folder.
+    """
+    spec = importlib.util.find_spec("embedstore.indexes")
+    if spec is None or not spec.submodule_search_locations:
+        return [Path(__file__).resolve().parent.parent / "indexes"]
+    return [Path(p) for p in spec.submodule_search_locations]
+
+
+_RECIPE_DIRS: list[Path] = _shipped_recipe_dirs() + [
     Path(p) for p in os.environ.get("EMBEDSTORE_RECIPES", "").split(os.pathsep) if p
 ]
 
