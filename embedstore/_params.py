@@ -10,6 +10,7 @@ pydantic would, but without a multi-line usage box.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import inspect
@@ -42,18 +43,18 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class Spec:
+class Spec(abc.ABC):
     """A constraint on one value; ``optional`` lets None through (the function's default)."""
 
     optional: bool = False
 
+    @abc.abstractmethod
     def rule(self) -> str:
         """What the value must be, as read in an error line."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def ok(self, value: Any) -> bool:
         """True when ``value`` (not None) meets the constraint."""
-        raise NotImplementedError
 
     def problem(self, value: Any, optional: bool | None = None) -> str | None:
         """None when ``value`` is acceptable, else the rule it breaks."""

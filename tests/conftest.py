@@ -3,6 +3,8 @@ import pathlib
 
 import pytest
 
+import embedstore as es
+
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -43,3 +45,43 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# A tiny reference cohort, its store, a recipe and the index built from them: module-scoped, so
+# each test module gets its own copy, which its tests may damage.
+RECIPE = (
+    'name = "tiny"\nencoder = "builtin"\ncohort = "synthetic"\n[panel]\nmethod = "hvg"\nn_genes = 20\n'
+    '[aligner]\nproj_dim = 16\nmax_epochs = 3\n[index]\nfactory = "Flat"\n[aggregator]\nname = "mean"\nk = 5\n'
+)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Three 1,200 px sections at 1 µm/px, 30 spots and 30 genes each."""
+    from embedstore.testing import make_synthetic_cohort
+
+    return make_synthetic_cohort(
+        tmp_path_factory.mktemp("cohort"), n_slides=3, n_spots=30, n_genes=30, seed=0, width=1200, height=1200, mpp=1.0
+    )
+
+
+@pytest.fixture(scope="module")
+def store(cohort, tmp_path_factory):
+    """The cohort embedded with the built-in encoder, as cohort ``synthetic``."""
+    path = tmp_path_factory.mktemp("tiny") / "store"
+    assert es.embed(cohort.root, path, cohort="synthetic", workers=0, progress=False).ok
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """:data:`RECIPE` as a file."""
+    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
+    path.write_text(RECIPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def index(store, recipe, tmp_path_factory):
+    """The recipe's index over the store."""
+    return es.build_index(recipe, store, tmp_path_factory.mktemp("index") / "tiny.index")

@@ -20,12 +20,6 @@ from embedstore.evaluation import demo
 from embedstore.index import load_index
 
 CLI = [sys.executable, "-m", "embedstore"]
-RECIPE = (
-    'name = "tiny"\nencoder = "builtin"\ncohort = "synthetic"\n[panel]\nmethod = "hvg"\nn_genes = 20\n'
-    '[aligner]\nproj_dim = 16\nmax_epochs = 3\n[index]\nfactory = "Flat"\n[aggregator]\nname = "mean"\nk = 5\n'
-)
-
-
 def run(*args: object, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=False, **kw)
 
@@ -35,34 +29,6 @@ def assert_refused(result: subprocess.CompletedProcess, path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert str(path) in lines[0]
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from embedstore.testing import make_synthetic_cohort
-
-    return make_synthetic_cohort(
-        tmp_path_factory.mktemp("cohort"), n_slides=3, n_spots=30, n_genes=30, seed=0, width=1200, height=1200, mpp=1.0
-    )
-
-
-@pytest.fixture(scope="module")
-def store(cohort, tmp_path_factory):
-    path = tmp_path_factory.mktemp("safety") / "store"
-    assert es.embed(cohort.root, path, cohort="synthetic", workers=0, progress=False).ok
-    return path
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny.toml"
-    path.write_text(RECIPE)
-    return path
-
-
-@pytest.fixture(scope="module")
-def index(store, recipe, tmp_path_factory):
-    return es.build_index(recipe, store, tmp_path_factory.mktemp("index") / "tiny.index")
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
