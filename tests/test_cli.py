@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import gzip
 import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import CLI, assert_one_line_error, run
 from PIL import Image
 
 from embedstore.testing import write_synthetic_image, write_synthetic_slide
-
-CLI = [sys.executable, "-m", "embedstore"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=False)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def test_info_reports_levels_mpp_tissue_and_tiles(synthetic_slide_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import assert_one_line_error, run
 
 from embedstore.embedding import check_store, embed
 from embedstore.errors import BadInput, DamagedFile, GeometryMismatch
@@ -21,20 +22,7 @@ from embedstore.reference import build_index
 from embedstore.store import open_store, verify_store
 from embedstore.testing import write_synthetic_slide
 
-CLI = [sys.executable, "-m", "embedstore"]
 COHORT = "synthetic"
-
-
-def run(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=False)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def tables(store: Path) -> dict[str, pa.Table]:
