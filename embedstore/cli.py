@@ -31,11 +31,16 @@ InputPath = Annotated[Path, typer.Argument(help="Input file or folder.")]
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines, only results and errors.")] = False,
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if quiet:
+        logging.getLogger("embedstore.progress").setLevel(logging.WARNING)
 
 
 @app.command()
