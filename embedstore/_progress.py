@@ -17,9 +17,23 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (redirections and captures see it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 LOGGER = logging.getLogger("embedstore.progress")
 if not LOGGER.handlers:
-    _handler = logging.StreamHandler()  # resolves sys.stderr at each write (pytest's capture, redirects)
+    _handler = _StderrHandler()
     _handler.setFormatter(logging.Formatter("embedstore: %(message)s"))
     LOGGER.addHandler(_handler)
     LOGGER.setLevel(logging.INFO)

@@ -15,11 +15,7 @@ Registered names (``AGGREGATORS``, :func:`create_aggregator`):
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +26,6 @@ from embedstore._optional import import_optional
 from embedstore._params import Float, Int, check_fields
 from embedstore._registry import Registry
 from embedstore.errors import BadInput
-
-LOG = logging.getLogger(__name__)
 
 AGGREGATORS = Registry("aggregator")
 KIND = "aggregator.learned"
@@ -186,7 +180,9 @@ class LearnedAggregatorConfig:
     def from_dict(cls, d: dict[str, Any], where: str = "aggregator config") -> LearnedAggregatorConfig:
         """Build from a dict; unknown keys are an error listing the valid ones."""
         if not isinstance(d, dict):
-            msg = f"{where}: the settings must be a table of key = value, not {type(d).__name__}; re-save the aggregator"
+            msg = (
+                f"{where}: the settings must be a table of key = value, not {type(d).__name__}; re-save the aggregator"
+            )
             raise BadInput(msg)
         check_fields(cls, d, where, ranges=False, **LEARNED_FIELD_RULES)
         return cls(**d)
@@ -207,48 +203,12 @@ LEARNED_FIELD_RULES = {
 }
 
 
-@cache
-def _attention_module() -> type:
-    torch = import_optional("torch", "the learned aggregator")
-    nn = torch.nn
+def _new_model(cfg: LearnedAggregatorConfig) -> Any:
+    """An untrained ``ExemplarAttention`` shaped by ``cfg`` (imports torch)."""
+    import_optional("torch", "the learned aggregator")
+    from embedstore._aggregator_nets import ExemplarAttention
 
-    class ExemplarAttention(nn.Module):
-        """Attention of the query over its k exemplars (EGN's exemplar learning, simplified).
-
-        score_j = <Wq q, Wk key_j + We expr_j> / sqrt(h) + a * sim_j ; the prediction is the
-        softmax(score)-weighted mean of the exemplars' expression, plus an optional
-        correction MLP (initialised to 0, so training starts from similarity weighting).
-        """
-
-        def __init__(self, cfg: LearnedAggregatorConfig) -> None:
-            super().__init__()
-            h = cfg.hidden
-            self.q = nn.Linear(cfg.key_dim, h)
-            self.k = nn.Linear(cfg.key_dim, h)
-            self.e = nn.Linear(cfg.n_genes, h)
-            self.sim_scale = nn.Parameter(torch.tensor(10.0))
-            self.drop = nn.Dropout(cfg.dropout)
-            self.register_buffer("expr_mean", torch.zeros(cfg.n_genes))
-            self.register_buffer("expr_std", torch.ones(cfg.n_genes))
-            self.residual = cfg.residual
-            if cfg.residual:
-                self.res = nn.Sequential(nn.Linear(cfg.key_dim + cfg.n_genes, h), nn.GELU(), nn.Linear(h, cfg.n_genes))
-                nn.init.zeros_(self.res[2].weight)
-                nn.init.zeros_(self.res[2].bias)
-            self.scale = 1 / math.sqrt(h)
-
-        def forward(self, q, keys, expr, sims):
-            z = (expr - self.expr_mean) / self.expr_std
-            kk = self.drop(self.k(keys) + self.e(z))  # (B, k, h)
-            logits = torch.einsum("bh,bkh->bk", self.q(q), kk) * self.scale + self.sim_scale * sims
-            w = torch.softmax(logits, dim=-1)
-            pred = torch.einsum("bk,bkg->bg", w, expr)
-            if self.residual:
-                pred = pred + self.res(torch.cat([q, (pred - self.expr_mean) / self.expr_std], dim=-1))
-            return pred
-
-    ExemplarAttention.__qualname__ = "ExemplarAttention"
-    return ExemplarAttention
+    return ExemplarAttention(cfg.key_dim, cfg.n_genes, cfg.hidden, cfg.residual, cfg.dropout)
 
 
 class LearnedAggregator(Aggregator):
@@ -340,7 +300,8 @@ def fit_learned_aggregator(
 
     Returns
     -------
-    The :class:`LearnedAggregator` at the epoch with the lowest validation MSE.
+    The :class:`LearnedAggregator` at the epoch with the lowest validation MSE; its ``history``
+    holds each epoch's ``train_loss`` and ``val_loss`` (MSE).
     """
     torch = import_optional("torch", "fit_learned_aggregator")
     sims, neighbour_expr = _check(sims, neighbour_expr)
@@ -357,46 +318,30 @@ def fit_learned_aggregator(
     n_val = round(n * cfg.val_fraction) if n >= 10 else 0
     va_idx, tr_idx = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
-    model = _attention_module()(cfg)
+    model = _new_model(cfg)
     model.expr_mean.copy_(torch.from_numpy(target[tr_idx].mean(0)))
     model.expr_std.copy_(torch.from_numpy(np.maximum(target[tr_idx].std(0), 1e-3)))
     T = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (q, nk, neighbour_expr, sims, target)]
-    from embedstore._adamw import AdamW
+    from embedstore._training import train
 
-    opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    def batch_loss(rows: np.ndarray) -> Any:
+        b = torch.from_numpy(rows)
+        return torch.nn.functional.mse_loss(model(*(t[b] for t in T[:4])), T[4][b])
 
-    def run_epoch(idx: np.ndarray, train: bool) -> float:
-        model.train(train)
-        order = idx[torch.randperm(len(idx), generator=gen).numpy()] if train else idx
-        total = 0.0
-        for s in range(0, len(order), cfg.batch_size):
-            b = torch.from_numpy(order[s : s + cfg.batch_size])
-            with torch.set_grad_enabled(train):
-                loss = torch.nn.functional.mse_loss(model(*(t[b] for t in T[:4])), T[4][b])
-            if train:
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            total += float(loss.detach()) * len(b)
-        return total / max(len(order), 1)
-
-    history: list[dict[str, float]] = []
-    best, best_state, stale, t0 = math.inf, None, 0, time.perf_counter()
-    for epoch in range(cfg.max_epochs):
-        tr = run_epoch(tr_idx, True)
-        va = run_epoch(va_idx, False) if len(va_idx) else tr
-        history.append({"epoch": epoch, "train_mse": tr, "val_mse": va, "seconds": time.perf_counter() - t0})
-        LOG.info("learned aggregator epoch %d: train %.4f val %.4f", epoch, tr, va)
-        if va < best - 1e-6:
-            best, stale = va, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    history = train(
+        model,
+        batch_loss,
+        tr_idx,
+        va_idx,
+        name="learned aggregator",
+        seed=seed,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        max_epochs=cfg.max_epochs,
+        patience=cfg.patience,
+        min_improvement=1e-6,
+    )
     return LearnedAggregator(cfg, model, history)
 
 
@@ -410,5 +355,5 @@ def load_learned_aggregator(path: str | Path) -> LearnedAggregator:
     """
     config, state, cfg_path, w_path = read_checkpoint(Path(path), KIND, "re-save it with LearnedAggregator.save")
     cfg = LearnedAggregatorConfig.from_dict(config, str(cfg_path))
-    model = load_weights(_attention_module()(cfg), state, cfg_path, w_path)
+    model = load_weights(_new_model(cfg), state, cfg_path, w_path)
     return LearnedAggregator(cfg, model)

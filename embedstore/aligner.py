@@ -1,19 +1,17 @@
 """Contrastive image-expression aligner on frozen embeddings (BLEEP style).
 
-open_clip's split: the model (:class:`ProjectionHead`, :class:`ExpressionEncoder`), the loss
-(:class:`ClipLoss`) and the training loop (:func:`fit`) are separate. The loop takes arrays
+open_clip's split: the model and the loss (``embedstore._aligner_nets``) and the training
+(:func:`fit`, on the shared loop of ``embedstore._training``) are separate. Training takes arrays
 (stored embeddings and log-normalised panel expression), never encoders or paths.
 A trained :class:`Aligner` is saved as a folder ``config.json`` + ``model.safetensors``.
-torch is imported lazily, so the ``nn.Module`` classes are built on first use.
+torch is imported only by the functions that train or load, so importing this module stays light.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -105,99 +103,14 @@ FIELD_RULES = {
 }
 
 
-@cache
-def _modules() -> dict[str, type]:
-    """Define the torch modules on first use (keeps ``import embedstore.aligner`` torch-free)."""
-    torch = import_optional("torch", "the aligner")
-    nn = torch.nn
-    F = torch.nn.functional
+def _new_model(cfg: AlignerConfig) -> Any:
+    """An untrained ``AlignerModel`` shaped by ``cfg`` (imports torch)."""
+    import_optional("torch", "the aligner")
+    from embedstore._aligner_nets import AlignerModel
 
-    class ProjectionHead(nn.Module):
-        """BLEEP's head: Linear, GELU, Linear, Dropout, residual, LayerNorm."""
-
-        def __init__(self, in_dim: int, out_dim: int = 256, dropout: float = 0.1) -> None:
-            super().__init__()
-            self.projection = nn.Linear(in_dim, out_dim)
-            self.gelu = nn.GELU()
-            self.fc = nn.Linear(out_dim, out_dim)
-            self.dropout = nn.Dropout(dropout)
-            self.layer_norm = nn.LayerNorm(out_dim)
-
-        def forward(self, x):
-            projected = self.projection(x)
-            x = self.dropout(self.fc(self.gelu(projected)))
-            return self.layer_norm(x + projected)
-
-    class ExpressionEncoder(nn.Module):
-        """Log-normalised panel expression -> projection (optionally through an MLP layer)."""
-
-        def __init__(self, n_genes: int, out_dim: int = 256, hidden: int = 0, dropout: float = 0.1) -> None:
-            super().__init__()
-            self.mlp = (
-                nn.Sequential(nn.Linear(n_genes, hidden), nn.GELU(), nn.Dropout(dropout)) if hidden else nn.Identity()
-            )
-            self.head = ProjectionHead(hidden or n_genes, out_dim, dropout)
-
-        def forward(self, x):
-            return self.head(self.mlp(x))
-
-    class ClipLoss(nn.Module):
-        """Symmetric cross-entropy on ``logit_scale * a @ b.T`` (open_clip ``ClipLoss``).
-
-        With ``soft_targets`` the targets are BLEEP's
-        ``softmax(logit_scale * (a @ a.T + b @ b.T) / 2)`` instead of the identity.
-        Features are L2-normalised inside.
-        """
-
-        def __init__(self, soft_targets: bool = False) -> None:
-            super().__init__()
-            self.soft_targets = soft_targets
-
-        def forward(self, image_features, expr_features, logit_scale):
-            a = F.normalize(image_features, dim=-1)
-            b = F.normalize(expr_features, dim=-1)
-            logits = logit_scale * a @ b.T
-            if self.soft_targets:
-                with torch.no_grad():
-                    targets = F.softmax(logit_scale * (a @ a.T + b @ b.T) / 2, dim=-1)
-                # the similarity matrices are symmetric, so targets.T is the other direction's target
-                return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T)) / 2
-            labels = torch.arange(a.shape[0], device=a.device)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-    class AlignerModel(nn.Module):
-        """Both heads, the temperature and the input standardisation (as buffers, so they are saved)."""
-
-        def __init__(self, cfg: AlignerConfig) -> None:
-            super().__init__()
-            self.image_head = ProjectionHead(cfg.image_dim, cfg.proj_dim, cfg.dropout)
-            self.expr_encoder = ExpressionEncoder(cfg.n_genes, cfg.proj_dim, cfg.expr_hidden, cfg.dropout)
-            self.logit_scale = nn.Parameter(
-                torch.tensor(math.log(1 / cfg.temperature)), requires_grad=cfg.learn_temperature
-            )
-            self.register_buffer("image_mean", torch.zeros(cfg.image_dim))
-            self.register_buffer("image_std", torch.ones(cfg.image_dim))
-            self.register_buffer("expr_mean", torch.zeros(cfg.n_genes))
-            self.register_buffer("expr_std", torch.ones(cfg.n_genes))
-
-        def encode_image(self, x):
-            return self.image_head((x - self.image_mean) / self.image_std)
-
-        def encode_expression(self, x):
-            return self.expr_encoder((x - self.expr_mean) / self.expr_std)
-
-    classes = (ProjectionHead, ExpressionEncoder, ClipLoss, AlignerModel)
-    for cls in classes:  # readable reprs and error messages: embedstore.aligner.ClipLoss
-        cls.__qualname__ = cls.__name__
-    return {cls.__name__: cls for cls in classes}
-
-
-def __getattr__(name: str) -> Any:
-    # ProjectionHead, ExpressionEncoder, ClipLoss, AlignerModel are built lazily (torch is heavy)
-    if name in ("ProjectionHead", "ExpressionEncoder", "ClipLoss", "AlignerModel"):
-        return _modules()[name]
-    msg = f"module {__name__!r} has no attribute {name!r}"
-    raise AttributeError(msg)
+    return AlignerModel(
+        cfg.image_dim, cfg.n_genes, cfg.proj_dim, cfg.expr_hidden, cfg.dropout, cfg.temperature, cfg.learn_temperature
+    )
 
 
 def _check_2d(a: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
@@ -329,74 +242,42 @@ def fit(
     val = _split(n, None if groups is None else np.asarray(groups), cfg.val_fraction, rng)
     tr_idx, va_idx = np.flatnonzero(~val), np.flatnonzero(val)
     torch.manual_seed(seed)
-    m = _modules()
-    model = m["AlignerModel"](cfg)
-    loss_fn = m["ClipLoss"](cfg.soft_targets)
+    model = _new_model(cfg)
+    from embedstore._aligner_nets import ClipLoss
+    from embedstore._training import train
+
+    loss_fn = ClipLoss(cfg.soft_targets)
     # standardise on the training rows only; the statistics travel in the checkpoint
     for name, a in (("image", image_emb), ("expr", expr)):
         getattr(model, f"{name}_mean").copy_(torch.from_numpy(a[tr_idx].mean(0)))
         getattr(model, f"{name}_std").copy_(torch.from_numpy(np.maximum(a[tr_idx].std(0), 1e-6)))
-    from embedstore._adamw import AdamW
-
-    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     X, Y = torch.from_numpy(image_emb), torch.from_numpy(expr)
-    gen = torch.Generator().manual_seed(seed)
-    bs = max(2, min(cfg.batch_size, len(tr_idx)))
 
-    def run_epoch(idx: np.ndarray, train: bool) -> float:
-        model.train(train)
-        order = idx[torch.randperm(len(idx), generator=gen).numpy()] if train else idx
-        total, count = 0.0, 0
-        for s in range(0, len(order), bs):
-            b = order[s : s + bs]
-            if len(b) < 2:  # a contrastive batch needs negatives
-                continue
-            with torch.set_grad_enabled(train):
-                loss = loss_fn(model.encode_image(X[b]), model.encode_expression(Y[b]), model.logit_scale.exp())
-            if train:
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():  # clamp as CLIP does, so the temperature cannot collapse
-                    model.logit_scale.clamp_(0, math.log(100))
-            total += float(loss.detach()) * len(b)
-            count += len(b)
-        return total / max(count, 1)
+    def batch_loss(rows: np.ndarray) -> Any:
+        return loss_fn(model.encode_image(X[rows]), model.encode_expression(Y[rows]), model.logit_scale.exp())
 
-    history: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    prev_threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
-        _train(cfg, run_epoch, tr_idx, va_idx, model, history, t0)
-    finally:
-        torch.set_num_threads(prev_threads)
+    def clamp_temperature() -> None:
+        with torch.no_grad():  # as CLIP does, so the temperature cannot collapse
+            model.logit_scale.clamp_(0, math.log(100))
+
+    history = train(
+        model,
+        batch_loss,
+        tr_idx,
+        va_idx,
+        name="aligner",
+        seed=seed,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=max(2, min(cfg.batch_size, len(tr_idx))),
+        max_epochs=cfg.max_epochs,
+        patience=cfg.patience,
+        min_improvement=1e-4,
+        min_batch=2,  # a contrastive batch needs negatives
+        after_step=clamp_temperature,
+        threads=cfg.threads,
+    )
     return Aligner(cfg, model, history)
-
-
-def _train(
-    cfg: AlignerConfig, run_epoch: Any, tr_idx: np.ndarray, va_idx: np.ndarray, model: Any, history: list, t0: float
-) -> None:
-    """Epoch loop with early stopping; leaves ``model`` at its best validation epoch."""
-    best, best_state, stale = math.inf, None, 0
-    for epoch in range(cfg.max_epochs):
-        tr_loss = run_epoch(tr_idx, True)
-        va_loss = run_epoch(va_idx, False) if len(va_idx) >= 2 else tr_loss
-        history.append(
-            {"epoch": epoch, "train_loss": tr_loss, "val_loss": va_loss, "seconds": time.perf_counter() - t0}
-        )
-        LOG.info("aligner epoch %d: train %.4f val %.4f (%.1fs)", epoch, tr_loss, va_loss, time.perf_counter() - t0)
-        if va_loss < best - 1e-4:
-            best, stale = va_loss, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                LOG.info("aligner: early stop at epoch %d (best val %.4f)", epoch, best)
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
 
 
 def save_aligner(aligner: Aligner, path: str | Path) -> Path:
@@ -448,7 +329,7 @@ def load_aligner(path: str | Path) -> Aligner:
     folder = _resolve(path)
     config, state, cfg_path, w_path = read_checkpoint(folder, KIND, "re-save the aligner with save_aligner")
     cfg = AlignerConfig.from_dict(config, str(cfg_path))
-    model = load_weights(_modules()["AlignerModel"](cfg), state, cfg_path, w_path)
+    model = load_weights(_new_model(cfg), state, cfg_path, w_path)
     return Aligner(cfg, model)
 
 

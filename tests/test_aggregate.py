@@ -85,7 +85,7 @@ def test_learned_aggregator_beats_mean_and_round_trips(tmp_path):
     q, keys, expr, sims, target = _neighbour_task()
     cfg = LearnedAggregatorConfig(hidden=32, max_epochs=25, patience=25, lr=3e-3)
     agg = fit_learned_aggregator(q[:500], keys[:500], expr[:500], sims[:500], target[:500], cfg, seed=0)
-    assert agg.history[-1]["train_mse"] < agg.history[0]["train_mse"]
+    assert agg.history[-1]["train_loss"] < agg.history[0]["train_loss"]
     pred = agg(sims[500:], expr[500:], query_keys=q[500:], neighbour_keys=keys[500:])
     mse_learned = float(np.mean((pred - target[500:]) ** 2))
     mse_mean = float(np.mean((mean(sims[500:], expr[500:]) - target[500:]) ** 2))
@@ -98,3 +98,15 @@ def test_learned_aggregator_beats_mean_and_round_trips(tmp_path):
     (tmp_path / "agg" / "model.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(BadInput, match=r"agg/model.safetensors: cannot be read as safetensors"):
         load_learned_aggregator(tmp_path / "agg")
+
+
+def test_each_training_epoch_prints_a_progress_line(caplog):
+    q, keys, expr, sims, target = _neighbour_task(n=60)
+    cfg = LearnedAggregatorConfig(hidden=8, max_epochs=3, patience=3)
+    with caplog.at_level("INFO", logger="embedstore.progress"):
+        agg = fit_learned_aggregator(q, keys, expr, sims, target, cfg, seed=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "embedstore.progress"]
+    assert [line.split(" (")[0] for line in lines] == [
+        f"learned aggregator epoch {h['epoch'] + 1}/3: train {h['train_loss']:.4f} val {h['val_loss']:.4f}"
+        for h in agg.history
+    ]

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from embedstore import aligner as al
+from embedstore._aligner_nets import ClipLoss, ProjectionHead
 from embedstore.aligner import AlignerConfig, fit, load_aligner, save_aligner
 from embedstore.errors import BadInput
 from embedstore.testing import seeded_embeddings
@@ -25,19 +29,19 @@ def test_clip_loss_by_hand():
     logits = s * an @ bn.T
     eye = np.eye(2)
     expected = (_np_ce(logits, eye) + _np_ce(logits.T, eye)) / 2
-    loss_fn = al.ClipLoss()
+    loss_fn = ClipLoss()
     got = loss_fn(torch.tensor(a), torch.tensor(b), torch.tensor(s))
     assert float(got) == pytest.approx(expected, rel=1e-6)
     # BLEEP's soft targets: softmax(s * (a a^T + b b^T) / 2)
     sim = s * (an @ an.T + bn @ bn.T) / 2
     t = np.exp(sim) / np.exp(sim).sum(1, keepdims=True)
     expected_soft = (_np_ce(logits, t) + _np_ce(logits.T, t.T)) / 2
-    got_soft = al.ClipLoss(soft_targets=True)(torch.tensor(a), torch.tensor(b), torch.tensor(s))
+    got_soft = ClipLoss(soft_targets=True)(torch.tensor(a), torch.tensor(b), torch.tensor(s))
     assert float(got_soft) == pytest.approx(expected_soft, rel=1e-6)
 
 
 def test_projection_head_shape_and_norm():
-    head = al.ProjectionHead(12, 8, dropout=0.0)
+    head = ProjectionHead(12, 8, dropout=0.0)
     out = head(torch.randn(5, 12))
     assert out.shape == (5, 8)
     assert isinstance(head.layer_norm, torch.nn.LayerNorm)
@@ -76,6 +80,50 @@ def test_fit_is_seeded_validates_on_held_out_slides_and_round_trips(tmp_path):
     np.testing.assert_array_equal(c.project_expression(expr), a.project_expression(expr))
     with pytest.raises(BadInput, match="image embeddings: has 47 columns but the aligner was trained on 48"):
         c.project_images(img[:, :47])
+
+
+def _noise(n=120, seed=7):
+    """Image and expression rows with nothing in common: the validation loss soon stops improving."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 10)).astype(np.float32), rng.standard_normal((n, 6)).astype(np.float32)
+
+
+NOISE_CFG = AlignerConfig(proj_dim=8, batch_size=16, max_epochs=40, patience=2, lr=1e-2)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    img, expr = _noise()
+    stopped = fit(img, expr, None, NOISE_CFG, seed=0)
+    val = [h["val_loss"] for h in stopped.history]
+    best = int(np.argmin(val))
+    assert len(val) == best + 1 + NOISE_CFG.patience < NOISE_CFG.max_epochs
+    # reference: the same seeded run, cut off after the best epoch instead of rolled back to it
+    cut = AlignerConfig(**{**NOISE_CFG.to_dict(), "max_epochs": best + 1, "patience": NOISE_CFG.max_epochs})
+    reference = fit(img, expr, None, cut, seed=0)
+    np.testing.assert_array_equal(stopped.project_images(img), reference.project_images(img))
+    np.testing.assert_array_equal(stopped.project_expression(expr), reference.project_expression(expr))
+
+
+def test_each_epoch_and_the_early_stop_print_a_progress_line(caplog):
+    img, expr = _noise()
+    with caplog.at_level("INFO", logger="embedstore.progress"):
+        a = fit(img, expr, None, NOISE_CFG, seed=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "embedstore.progress"]
+    assert len(lines) == len(a.history) + 1
+    for h, line in zip(a.history, lines, strict=False):
+        expected = f"aligner epoch {h['epoch'] + 1}/40: train {h['train_loss']:.4f} val {h['val_loss']:.4f} ("
+        assert line.startswith(expected)
+        assert re.fullmatch(r".*\(\d+\.\d s\)", line)
+    best = int(np.argmin([h["val_loss"] for h in a.history]))
+    assert lines[-1] == (
+        f"aligner: early stop at epoch {len(a.history)} (patience 2); "
+        f"keeping epoch {best + 1}, val {a.history[best]['val_loss']:.4f}"
+    )
+
+
+def test_importing_the_training_modules_leaves_torch_unloaded():
+    code = "import embedstore.aligner, embedstore.aggregate, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_load_from_hf_hub_with_patched_download(tmp_path, monkeypatch):
