@@ -16,6 +16,7 @@ import csv
 import functools
 import logging
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,34 +30,122 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Slide", "lookup_mpp", "open_slide", "read_mpp_csv", "tissue_mask"]
+__all__ = [
+    "PLAUSIBLE_MPP",
+    "Slide",
+    "check_mpp",
+    "lookup_mpp",
+    "open_slide",
+    "plausible_mpp",
+    "read_mpp_csv",
+    "tiff_mpp",
+    "tissue_mask",
+]
 
 # Plain images are decoded whole. Pillow's default bomb limit (89 Mpx) rejects real section scans
 # such as her2st's 9,270 × 9,910 JPEGs; 1 Gpx (3 GB decoded RGB) is the most we accept before
 # asking for a pyramidal format.
 PLAIN_MAX_PIXELS = 1_000_000_000
-# Physical pixel sizes outside this range are placeholders (e.g. 72 dpi = 352.8 µm/px), not scans.
-_PLAUSIBLE_MPP = (0.05, 50.0)
+PLAUSIBLE_MPP = (0.05, 30.0)  # µm/px; why these bounds: plausible_mpp
 _MPP_HINT = "pass mpp=... (--mpp) or a CSV with columns slide,mpp (--mpp-csv)"
 _WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".czi", ".dcm"}
+_TIFF_SUFFIXES = {".tif", ".tiff"}
+# TIFF ResolutionUnit: 1 none, 2 inch (the default when the tag is absent), 3 centimetre
+_UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}
+_UNIT_CODES = {"none": 1, "inch": 2, "centimeter": 3, "centimetre": 3, "cm": 3}
+_APERIO_MPP = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 
 
-def _plausible(mpp: float | None) -> bool:
-    return mpp is not None and math.isfinite(mpp) and _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1]
+def plausible_mpp(mpp: float | None) -> bool:
+    """Whether ``mpp`` is a µm/px an image of a tissue section can have (:data:`PLAUSIBLE_MPP`).
+
+    One range for metadata and for values the user gives. The low end, 0.05, is below the finest
+    light-microscope scans (about 0.1 µm/px at 80-100×; optics resolve about 0.2 µm). The high end,
+    30, admits the downscaled section images in use: legacy ST images (her2st 0.69, stutility-mob
+    about 4 µm/px) and Space Ranger hires (about 4) and lowres images (0.045 × a 0.3-1 µm/px scan,
+    7-22 µm/px). Above it lie the resolutions image editors and scanners write by default (600,
+    300, 150, 96, 72 dpi = 42.3 ... 352.8 µm/px), which say nothing about the tissue.
+    """
+    return mpp is not None and math.isfinite(mpp) and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]
 
 
-def _mpp_from_resolution(xres: Any, unit: Any) -> float | None:
-    """µm/px from a TIFF XResolution (pixels per unit) and ResolutionUnit (2 inch, 3 cm)."""
+def check_mpp(mpp: Any, where: str | Path) -> float:
+    """``mpp`` as a float; :class:`BadInput` naming ``where`` when it is not a plausible µm/px."""
     try:
-        xres = float(xres[0]) / float(xres[1]) if isinstance(xres, tuple) else float(xres)
-    except (TypeError, ValueError, ZeroDivisionError):
+        value = float(mpp)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not plausible_mpp(value):
+        lo, hi = PLAUSIBLE_MPP
+        msg = f"{where}: mpp={mpp} is not a plausible µm/px (expected {lo:g}-{hi:g}); pass the level-0 µm/px"
+        raise BadInput(msg)
+    return value
+
+
+def _kept(mpp: float, source: str, where: str | Path) -> float | None:
+    if plausible_mpp(mpp):
+        return mpp
+    LOG.info(
+        "%s: %s gives %.4g µm/px, outside %g-%g; ignored as no physical pixel size", where, source, mpp, *PLAUSIBLE_MPP
+    )
+    return None
+
+
+def _unit_code(unit: Any) -> int | None:
+    if unit is None:
+        return 2
+    if isinstance(unit, str):
+        name = unit.strip().lower()
+        return int(name) if name.isdigit() else _UNIT_CODES.get(name)
+    try:
+        return int(unit)
+    except (TypeError, ValueError):
         return None
-    unit = str(unit).lower()
-    per_um = {"2": 25_400.0, "inch": 25_400.0, "3": 10_000.0, "centimeter": 10_000.0, "cm": 10_000.0}.get(unit)
-    if per_um is None or xres <= 0:
+
+
+def _mpp_from_resolution(xres: Any, unit: Any, where: str | Path) -> float | None:
+    """µm/px from a TIFF XResolution (pixels per unit: number, numeric string or ``(num, den)``) and
+    ResolutionUnit (code, enum or name such as OpenSlide's ``"centimeter"``); None when absent,
+    unitless or implausible."""
+    try:
+        per_unit = float(xres[0]) / float(xres[1]) if isinstance(xres, tuple) else float(xres)
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
         return None
-    mpp = per_um / xres
-    return mpp if _plausible(mpp) else None
+    um_per_unit = _UM_PER_UNIT.get(_unit_code(unit))
+    if um_per_unit is None or not (math.isfinite(per_unit) and per_unit > 0):
+        return None
+    return _kept(um_per_unit / per_unit, "the resolution tags", where)
+
+
+def tiff_mpp(path: str | Path) -> float | None:
+    """Level-0 µm/px that a TIFF file states about itself, or None.
+
+    Reads the first page: an Aperio ``MPP =`` in the description, else the XResolution and
+    ResolutionUnit tags (inch when the unit tag is absent, as TIFF specifies; unit "none" is no
+    physical size). A value outside :data:`PLAUSIBLE_MPP` counts as absent. Other formats give
+    None: JPEG/PNG dpi is no physical scale.
+
+    Raises
+    ------
+    BadInput
+        The file has a TIFF suffix but is not a readable TIFF.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in _TIFF_SUFFIXES:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            description = page.description or ""
+            xres, unit = (getattr(page.tags.get(name), "value", None) for name in ("XResolution", "ResolutionUnit"))
+    except (OSError, ValueError, IndexError) as e:  # tifffile.TiffFileError is a ValueError
+        msg = f"{path}: not a readable TIFF ({e}); copy or export the file again, or give a JPEG/PNG"
+        raise BadInput(msg) from e
+    found = _APERIO_MPP.search(description)
+    aperio = _kept(float(found.group(1)), "the Aperio description", path) if found else None
+    return aperio if aperio is not None else _mpp_from_resolution(xres, unit, path)
 
 
 def _allow_big_plain_images() -> None:
@@ -235,32 +324,18 @@ def _crop_padded(img: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
     return out
 
 
-def _openslide_mpp(osr: Any) -> float | None:
+def _openslide_mpp(osr: Any, path: Path) -> float | None:
     props = osr.properties
     try:
         mx = float(props.get("openslide.mpp-x", "nan"))
         my = float(props.get("openslide.mpp-y", "nan"))
     except ValueError:
         mx = my = float("nan")
-    if _plausible(mx):
-        if _plausible(my) and abs(mx - my) > 0.01 * mx:
-            LOG.warning("non-square pixels (mpp-x %.4g, mpp-y %.4g): using mpp-x", mx, my)
+    if plausible_mpp(mx):
+        if plausible_mpp(my) and abs(mx - my) > 0.01 * mx:
+            LOG.warning("%s: non-square pixels (mpp-x %.4g, mpp-y %.4g): using mpp-x", path, mx, my)
         return mx
-    return _mpp_from_resolution(props.get("tiff.XResolution"), props.get("tiff.ResolutionUnit"))
-
-
-def _tiff_mpp(path: Path) -> float | None:
-    """µm/px from the resolution tags of a plain TIFF (JPEG/PNG dpi is no physical scale)."""
-    if path.suffix.lower() not in {".tif", ".tiff"}:
-        return None
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            tags = getattr(im, "tag_v2", {})
-            return _mpp_from_resolution(tags.get(282), tags.get(296))
-    except OSError:
-        return None
+    return _mpp_from_resolution(props.get("tiff.XResolution"), props.get("tiff.ResolutionUnit"), path)
 
 
 def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None = None) -> Slide:
@@ -294,9 +369,8 @@ def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None 
     if path.is_dir():
         msg = f"{path}: is a folder, not a slide; give the slide file"
         raise BadInput(msg)
-    if mpp is not None and not _plausible(float(mpp)):
-        msg = f"{path}: mpp={mpp} is not a plausible µm/px (expected {_PLAUSIBLE_MPP[0]}-{_PLAUSIBLE_MPP[1]}); pass the level-0 µm/px"
-        raise BadInput(msg)
+    if mpp is not None:
+        mpp = check_mpp(mpp, path)
     sid = slide_id or path.stem
     openslide = import_optional("openslide", "slides.open_slide")
 
@@ -311,7 +385,7 @@ def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None 
         except (openslide.OpenSlideError, OSError) as e:
             msg = f"{path}: OpenSlide cannot open this {vendor} slide ({e}); the file may be truncated or corrupt"
             raise BadInput(msg) from e
-        found = _openslide_mpp(osr)
+        found = _openslide_mpp(osr, path)
         if mpp is None and found is None:
             osr.close()
             msg = f"{path}: no µm/px in the metadata; {_MPP_HINT}"
@@ -339,7 +413,7 @@ def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None 
     except (OSError, SyntaxError) as e:
         msg = f"{path}: truncated or corrupt image ({e}); copy or export the file again"
         raise BadInput(msg) from e
-    found = _tiff_mpp(path)
+    found = tiff_mpp(path) if mpp is None else None
     if mpp is None and found is None:
         msg = f"{path}: no µm/px in the metadata; {_MPP_HINT}"
         raise BadInput(msg)
@@ -386,8 +460,8 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
                     value = float(row[cols["mpp"]])
                 except (TypeError, ValueError):
                     value = float("nan")
-                if not name or not _plausible(value):
-                    msg = f"{path}: line {line} has slide={name!r} mpp={row[cols['mpp']]!r}; give a slide name and a µm/px between {_PLAUSIBLE_MPP[0]} and {_PLAUSIBLE_MPP[1]}"
+                if not name or not plausible_mpp(value):
+                    msg = f"{path}: line {line} has slide={name!r} mpp={row[cols['mpp']]!r}; give a slide name and a µm/px between {PLAUSIBLE_MPP[0]:g} and {PLAUSIBLE_MPP[1]:g}"
                     raise BadInput(msg)
                 if name in out and out[name] != value:
                     msg = f"{path}: line {line} gives slide {name!r} mpp={value}, an earlier line {out[name]}; keep one line per slide"

@@ -1,8 +1,9 @@
-"""Tile tables (tissue grid or spot-centred, at a target µm/px) and a parallel, streaming tile reader.
+"""Tiling: tile grids over the tissue or centred on spots, at a target µm/px, and a parallel,
+streaming tile reader.
 
-A tile table (``_schema.tile_schema()``) holds one row per tile: its level-0 centre ``x, y``, the
-µm/px it is sampled at and its side in pixels. Pixels are read by :class:`TileReader` from the
-pyramid level just finer than the target and resized to ``size_px`` (as HEST and TRIDENT do).
+Grids and spot tiles are tile tables (:mod:`embedstore.tile_table`). Pixels are read by
+:class:`TileReader` from the pyramid level just finer than the target and resized to ``size_px``
+(as HEST and TRIDENT do).
 
 Resampling is PIL BILINEAR: Pillow's resize widens the filter support with the scale factor, so a
 downscale is properly anti-aliased (an area-weighted triangle filter) without the ringing of
@@ -25,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from embedstore._atomic import atomic_file, check_replaceable
 from embedstore._params import validated
-from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION, Col, tile_id, tile_schema
+from embedstore._schema import Col
 from embedstore.errors import BadInput
+from embedstore.preview import check_preview_out, draw_tile_preview
 from embedstore.slides import Slide, open_slide, tissue_mask
+from embedstore.tile_table import check_tiles_out, make_tile_table, tile_geometry, tile_origin, write_tile_table
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,18 +41,11 @@ LOG = logging.getLogger(__name__)
 __all__ = [
     "TileReader",
     "describe_slide",
-    "draw_tile_preview",
     "grid_tiles",
     "iter_tile_batches",
-    "read_tile_table",
     "spot_tiles",
     "tile",
-    "tile_geometry",
-    "write_tile_table",
 ]
-
-TILES_KIND = "tiles"
-PREVIEW_KIND = "tile_preview"
 
 
 def _resample() -> Image.Resampling:
@@ -59,45 +54,10 @@ def _resample() -> Image.Resampling:
     return Image.Resampling.BILINEAR
 
 
-def tile_geometry(slide_mpp: float, target_mpp: float, size_px: int) -> float:
-    """Side of a tile in level-0 pixels: ``size_px * target_mpp / slide_mpp``."""
-    return size_px * target_mpp / slide_mpp
-
-
-def _top_left(c: np.ndarray | int, side0: float) -> np.ndarray:
-    # floor(c - side/2 + 0.5): for an even side in level-0 pixels the centre pixel is side/2
-    return np.floor(np.asarray(c, dtype=np.float64) - side0 / 2 + 0.5).astype(np.int64)
-
-
 def _padded(cx: np.ndarray, cy: np.ndarray, side0: float, dims: tuple[int, int]) -> np.ndarray:
-    x0, y0 = _top_left(cx, side0), _top_left(cy, side0)
+    x0, y0 = tile_origin(cx, side0), tile_origin(cy, side0)
     s = round(side0)
     return (x0 < 0) | (y0 < 0) | (x0 + s > dims[0]) | (y0 + s > dims[1])
-
-
-def _table(
-    slide_id: str,
-    cx: np.ndarray,
-    cy: np.ndarray,
-    spot_ids: Sequence[str] | None,
-    mpp: float,
-    size_px: int,
-    padded: np.ndarray,
-) -> pa.Table:
-    n = len(cx)
-    return pa.table(
-        {
-            Col.SLIDE_ID: pa.array([slide_id] * n, pa.string()),
-            Col.TILE_ID: pa.array([tile_id(x, y) for x, y in zip(cx.tolist(), cy.tolist(), strict=True)], pa.string()),
-            Col.SPOT_ID: pa.array(list(spot_ids) if spot_ids is not None else [None] * n, pa.string()),
-            Col.X: pa.array(cx, pa.int64()),
-            Col.Y: pa.array(cy, pa.int64()),
-            Col.MPP: pa.array(np.full(n, mpp, dtype=np.float64)),
-            Col.SIZE_PX: pa.array(np.full(n, size_px, dtype=np.int32)),
-            Col.PADDED: pa.array(padded.astype(bool)),
-        },
-        schema=tile_schema(),
-    )
 
 
 def _check_params(slide: Slide, target_mpp: float, size_px: int) -> None:
@@ -179,7 +139,7 @@ def grid_tiles(
     cy = np.floor(ty[keep_y] + side0 / 2).astype(np.int64)
     padded = _padded(cx, cy, side0, slide.dimensions)
     LOG.info("%s: %d grid tiles over tissue (%d padded at the border)", slide.slide_id, cx.size, int(padded.sum()))
-    return _table(slide.slide_id, cx, cy, None, target_mpp, size_px, padded)
+    return make_tile_table(slide.slide_id, cx, cy, None, target_mpp, size_px, padded)
 
 
 def spot_tiles(
@@ -227,7 +187,7 @@ def spot_tiles(
     side0 = tile_geometry(slide.mpp, target_mpp, size_px)
     padded = _padded(cx, cy, side0, slide.dimensions)
     LOG.info("%s: %d spot tiles (%d padded at the border)", slide.slide_id, cx.size, int(padded.sum()))
-    return _table(slide.slide_id, cx, cy, spot_ids, target_mpp, size_px, padded)
+    return make_tile_table(slide.slide_id, cx, cy, spot_ids, target_mpp, size_px, padded)
 
 
 class TileReader:
@@ -324,8 +284,8 @@ class TileReader:
         level = slide.best_level_for_mpp(target_mpp)
         ds = slide.level_downsamples[level]
         side = max(1, round(side0 / ds))
-        x0 = int(_top_left(x, side0))
-        y0 = int(_top_left(y, side0))
+        x0 = int(tile_origin(x, side0))
+        y0 = int(tile_origin(y, side0))
         region = slide.read_region_image(x0, y0, level, side, side)
         if side != size_px:
             region = region.resize((size_px, size_px), _resample())
@@ -389,101 +349,6 @@ def iter_tile_batches(
         finally:
             for fut in pending:  # consumer stopped early: do not read what nobody will take
                 fut.cancel()
-
-
-def write_tile_table(table: pa.Table, path: str | Path) -> Path:
-    """Write a tile table to Parquet atomically (temporary file, then rename).
-
-    The file carries ``embedstore.schema_version`` and ``embedstore.kind = "tiles"`` metadata.
-
-    Returns
-    -------
-    The path written.
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    try:
-        table = table.select(tile_schema().names).cast(tile_schema())
-    except (KeyError, pa.ArrowInvalid) as e:
-        msg = f"{path}: table does not match the tile schema ({e}); make it with grid_tiles or spot_tiles"
-        raise BadInput(msg) from e
-    table = table.replace_schema_metadata({META_SCHEMA_VERSION: SCHEMA_VERSION, META_KIND: TILES_KIND})
-    check_tiles_out(path)
-    with atomic_file(path, size_hint=table.nbytes) as tmp:
-        pq.write_table(table, tmp)
-    return path
-
-
-def _parquet_kind(path: Path) -> str | None:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    return meta.get(META_KIND.encode(), b"").decode() or None
-
-
-def check_tiles_out(path: str | Path) -> None:
-    """Refuse (:class:`BadInput`, nothing touched) a tile-table path holding a file embedstore did not write."""
-    check_replaceable(path, TILES_KIND, what="tile table (.parquet)", reader=_parquet_kind)
-
-
-def check_preview_out(path: str | Path) -> None:
-    """Refuse (:class:`BadInput`, nothing touched) a preview path holding a file embedstore did not write."""
-    check_replaceable(path, PREVIEW_KIND, what="tile preview (.png)", option="--preview")
-
-
-def read_tile_table(path: str | Path) -> pa.Table:
-    """Read a tile table written by :func:`write_tile_table` (checks kind and schema version)."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        msg = f"{path}: no such file; write it with write_tile_table"
-        raise BadInput(msg)
-    table = pq.read_table(path)
-    meta = table.schema.metadata or {}
-    kind = meta.get(META_KIND.encode(), b"").decode()
-    version = meta.get(META_SCHEMA_VERSION.encode(), b"").decode()
-    if kind != TILES_KIND or version != SCHEMA_VERSION:
-        msg = f"{path}: not an embedstore tile table of schema version {SCHEMA_VERSION} (kind={kind!r}, version={version!r}); tile the slide again"
-        raise BadInput(msg)
-    return table
-
-
-def draw_tile_preview(slide: Slide, table: pa.Table, png_path: str | Path, max_size: int = 1024) -> Path:
-    """Draw the tiles of a table on the slide thumbnail and save it as PNG (atomically).
-
-    Tiles are outlined green, padded (border) tiles orange.
-
-    Returns
-    -------
-    The path written.
-    """
-    from PIL import ImageDraw
-    from PIL.PngImagePlugin import PngInfo
-
-    png_path = Path(png_path)
-    thumb = slide.thumbnail(max_size).convert("RGB")
-    sx = thumb.width / slide.dimensions[0]
-    sy = thumb.height / slide.dimensions[1]
-    draw = ImageDraw.Draw(thumb)
-    xs = table[Col.X].to_numpy()
-    ys = table[Col.Y].to_numpy()
-    mpps = table[Col.MPP].to_numpy()
-    sizes = table[Col.SIZE_PX].to_numpy()
-    padded = table[Col.PADDED].to_numpy(zero_copy_only=False)
-    for x, y, m, s, p in zip(xs, ys, mpps, sizes, padded, strict=True):
-        side0 = tile_geometry(slide.mpp, float(m), int(s))
-        x0, y0 = int(_top_left(x, side0)), int(_top_left(y, side0))
-        box = (x0 * sx, y0 * sy, (x0 + side0) * sx, (y0 + side0) * sy)
-        draw.rectangle(box, outline=(255, 140, 0) if p else (0, 160, 0), width=1)
-    check_preview_out(png_path)
-    info = PngInfo()
-    info.add_text(META_KIND, PREVIEW_KIND)
-    with atomic_file(png_path) as tmp:
-        thumb.save(tmp, format="PNG", pnginfo=info)
-    LOG.info("wrote tile preview %s (%d tiles)", png_path, len(table))
-    return png_path
 
 
 @validated

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from embedstore.slides import open_slide
     from embedstore.testing import write_synthetic_slide
-    from embedstore.tiling import spot_tiles, tile_geometry
+    from embedstore.tile_table import tile_geometry
+    from embedstore.tiling import spot_tiles
 
     with tempfile.TemporaryDirectory(prefix="bench-tiling-") as tmp:
         workdir = args.workdir or Path(tmp)

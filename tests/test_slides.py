@@ -184,7 +184,7 @@ def test_bad_input_messages(tmp_path, synthetic_slide_path):
         open_slide(synthetic_slide_path, mpp=-1)
     assert (
         str(err.value)
-        == f"{synthetic_slide_path}: mpp=-1 is not a plausible µm/px (expected 0.05-50.0); pass the level-0 µm/px"
+        == f"{synthetic_slide_path}: mpp=-1 is not a plausible µm/px (expected 0.05-30); pass the level-0 µm/px"
     )
 
 
@@ -224,7 +224,7 @@ def test_read_mpp_csv(tmp_path):
     with pytest.raises(BadInput) as err:
         read_mpp_csv(bad)
     assert (
-        str(err.value) == f"{bad}: line 3 has slide='B1' mpp='abc'; give a slide name and a µm/px between 0.05 and 50.0"
+        str(err.value) == f"{bad}: line 3 has slide='B1' mpp='abc'; give a slide name and a µm/px between 0.05 and 30"
     )
 
 

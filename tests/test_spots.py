@@ -17,6 +17,7 @@ from scipy import sparse
 
 from embedstore import spots
 from embedstore.errors import BadInput
+from embedstore.slides import open_slide
 
 HER2ST_SPOTS = {"C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178}
 # Totals from the README of ../shared/data/her2st (computed there with pandas).
@@ -258,6 +259,62 @@ def test_legacy_tiff_mpp_and_orientation(tmp_path):
     assert spots.read_legacy_st(counts_path, spots_path, image).uns["embedstore"]["mpp"] == pytest.approx(2.0)
     c = spots.read_legacy_st(counts_path, spots_path, image, mpp=0.3)
     assert (c.uns["embedstore"]["mpp"], c.uns["embedstore"]["mpp_source"]) == (0.3, "user")
+
+
+def _legacy_with_strip_tiff(folder, **tiff_kw):
+    """A legacy section (spot pitch 2 µm/px) whose image is a plain TIFF written with ``tiff_kw``."""
+    counts_path, spots_path, image, _, _ = write_legacy(folder, image="tif")
+    with Image.open(image) as im:
+        w, h = im.size
+    tifffile.imwrite(image, np.full((h, w, 3), 235, np.uint8), photometric="rgb", metadata=None, **tiff_kw)
+    return counts_path, spots_path, image
+
+
+@pytest.mark.parametrize(
+    ("tags", "mpp"),
+    [
+        ({"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "CENTIMETER"}, 0.25),
+        ({"resolution": (25_400 / 0.5, 25_400 / 0.5), "resolutionunit": "INCH"}, 0.5),
+        # a Space Ranger lowres image (0.045 × a 1 µm/px scan) saved with its true resolution
+        ({"resolution": (25_400 / 22.0, 25_400 / 22.0), "resolutionunit": "INCH"}, 22.0),
+        ({"description": "Aperio Image Library v12.0.5\r\n440x360 -> 440x360 |AppMag = 20|MPP = 0.4990"}, 0.499),
+    ],
+)
+def test_tiff_mpp_same_through_slide_and_spot_reader(tmp_path, tags, mpp):
+    counts_path, spots_path, image = _legacy_with_strip_tiff(tmp_path, **tags)
+    with open_slide(image) as s:
+        assert s.mpp == pytest.approx(mpp)
+    info = spots.read_legacy_st(counts_path, spots_path, image).uns["embedstore"]
+    assert (info["mpp"], info["mpp_source"]) == (pytest.approx(mpp), "tiff_tags")
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        {"resolution": (72, 72), "resolutionunit": "INCH"},  # an image editor's default: 352.8 µm/px
+        {"resolution": (600 / 2.54, 600 / 2.54), "resolutionunit": "CENTIMETER"},  # 600 dpi: 42.3 µm/px
+        {"resolution": (1e4 / 0.25, 1e4 / 0.25), "resolutionunit": "NONE"},  # no physical unit
+        {"description": "Aperio Image Library v12.0.5\r\n440x360 |MPP = 352.8"},
+    ],
+)
+def test_implausible_tiff_mpp_refused_by_slide_and_spot_reader(tmp_path, tags):
+    counts_path, spots_path, image = _legacy_with_strip_tiff(tmp_path, **tags)
+    with pytest.raises(BadInput, match="no µm/px in the metadata"):
+        open_slide(image)
+    info = spots.read_legacy_st(counts_path, spots_path, image).uns["embedstore"]
+    assert (info["mpp"], info["mpp_source"]) == (pytest.approx(2.0), "spot_pitch")
+
+
+@pytest.mark.parametrize("mpp", [0.01, 100.0])
+def test_implausible_user_mpp_refused_by_slide_and_spot_reader(tmp_path, mpp):
+    counts_path, spots_path, image = _legacy_with_strip_tiff(tmp_path)
+    expected = f"mpp={mpp} is not a plausible µm/px (expected 0.05-30); pass the level-0 µm/px"
+    with pytest.raises(BadInput) as err:
+        open_slide(image, mpp=mpp)
+    assert str(err.value) == f"{image}: {expected}"
+    with pytest.raises(BadInput) as err:
+        spots.read_legacy_st(counts_path, spots_path, image, mpp=mpp)
+    assert str(err.value).endswith(f": {expected}")
 
 
 def test_estimate_mpp_from_pitch_rotated_staggered():

@@ -15,17 +15,11 @@ from PIL import Image
 
 from embedstore._schema import META_KIND, Col, tile_id, tile_schema
 from embedstore.errors import BadInput
+from embedstore.preview import draw_tile_preview
 from embedstore.slides import open_slide
 from embedstore.testing import _texture, write_synthetic_slide
-from embedstore.tiling import (
-    TileReader,
-    draw_tile_preview,
-    grid_tiles,
-    iter_tile_batches,
-    read_tile_table,
-    spot_tiles,
-    write_tile_table,
-)
+from embedstore.tile_table import read_tile_table, write_tile_table
+from embedstore.tiling import TileReader, grid_tiles, iter_tile_batches, spot_tiles
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
-"""Shared pieces of the spot readers: file checks, image headers, µm/px resolution, AnnData build."""
+"""Shared pieces of the spot readers: file checks, image headers, choice of µm/px, AnnData build."""
 
 from __future__ import annotations
 
 import gzip
 import logging
-import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from scipy import sparse
 
 from embedstore._schema import OBSM_SPATIAL, UNS_KEY, Col
 from embedstore.errors import BadInput
+from embedstore.slides import check_mpp, plausible_mpp
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -64,33 +64,6 @@ def image_size(path: Path) -> tuple[int, int]:
     except (OSError, ValueError, IndexError) as e:
         msg = f"{path}: not a readable image ({e}); give a JPEG, PNG or TIFF"
         raise BadInput(msg) from e
-
-
-def tiff_mpp(path: Path | None) -> float | None:
-    """µm/px from TIFF resolution tags (or an Aperio ``MPP =`` description), None when absent."""
-    if path is None or path.suffix.lower() not in {".tif", ".tiff"}:
-        return None
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            found = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
-            if found:
-                return float(found.group(1))
-            xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-            if xres is None:
-                return None
-            num, den = xres.value
-            unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value) if unit is not None else 2)
-    except (OSError, ValueError, IndexError) as e:
-        msg = f"{path}: not a readable TIFF ({e}); give a JPEG, PNG or TIFF"
-        raise BadInput(msg) from e
-    if not num or not den or unit_um is None:
-        return None
-    mpp = unit_um * den / num
-    # 72/96/300 dpi defaults give hundreds of µm/px: no physical pixel size, so ignore them.
-    return mpp if 0.05 <= mpp <= 20.0 else None
 
 
 def check_inside(xy: np.ndarray, image: Path, spot_file: Path) -> None:
@@ -219,17 +192,11 @@ def build_adata(
 def resolve_mpp(
     mpp: float | None, candidates: Sequence[tuple[str, float | None]], where: Path, how: str
 ) -> tuple[float, str]:
+    """``(µm/px, source)``: the user's ``mpp`` (refused when implausible), else the first plausible candidate."""
     if mpp is not None:
-        try:
-            mpp = float(mpp)
-        except (TypeError, ValueError):
-            mpp = float("nan")
-        if not (np.isfinite(mpp) and mpp > 0):
-            msg = f"{where}: mpp={mpp} is not a positive number of µm per pixel; pass e.g. mpp=0.5"
-            raise BadInput(msg)
-        return float(mpp), "user"
+        return check_mpp(mpp, where), "user"
     for source, value in candidates:
-        if value is not None and np.isfinite(value) and value > 0:
+        if plausible_mpp(value):
             return float(value), source
     msg = f"{where}: µm/px is missing and cannot be derived ({how}); pass mpp=<µm per pixel of the image>"
     raise BadInput(msg)

@@ -13,6 +13,7 @@ from scipy import sparse
 
 from embedstore._schema import OBSM_SPATIAL
 from embedstore.errors import BadInput
+from embedstore.slides import tiff_mpp
 from embedstore.spots._common import (
     IMAGE_SUFFIXES,
     LEGACY_ST_SPOT_UM,
@@ -23,7 +24,6 @@ from embedstore.spots._common import (
     check_unique,
     need_file,
     resolve_mpp,
-    tiff_mpp,
 )
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def read_hest(
         [
             ("pixel_size_um_estimated", num("pixel_size_um_estimated")),
             ("pixel_size_um_embedded", num("pixel_size_um_embedded")),
-            ("tiff_tags", tiff_mpp(image)),
+            ("tiff_tags", tiff_mpp(image) if image is not None else None),
         ],
         meta_path or h5ad,
         "no pixel_size_um_* in the metadata JSON and no TIFF resolution tags",

@@ -12,6 +12,7 @@ import pandas as pd
 from scipy import sparse
 
 from embedstore.errors import BadInput
+from embedstore.slides import tiff_mpp
 from embedstore.spots._common import (
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_UM,
@@ -23,7 +24,6 @@ from embedstore.spots._common import (
     need_file,
     read_tsv,
     resolve_mpp,
-    tiff_mpp,
 )
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def read_legacy_st(
 
     pitch = _pitch_mpp(pos[["x", "y"]].to_numpy(), pos[["pixel_x", "pixel_y"]].to_numpy(), LEGACY_ST_PITCH_UM)
     pitch_mpp = None if pitch is None else 2.0 / (1.0 / pitch[0] + 1.0 / pitch[1])
-    tag_mpp = tiff_mpp(image)
+    tag_mpp = tiff_mpp(image) if image is not None else None
     value, source = resolve_mpp(
         mpp,
         [("tiff_tags", tag_mpp), ("spot_pitch", pitch_mpp)],

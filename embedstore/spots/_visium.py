@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import sparse
 
 from embedstore.errors import BadInput
+from embedstore.slides import tiff_mpp
 from embedstore.spots._common import (
     VISIUM_SPOT_UM,
     build_adata,
@@ -21,7 +22,6 @@ from embedstore.spots._common import (
     check_unique,
     need_file,
     resolve_mpp,
-    tiff_mpp,
 )
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def read_visium(
     sf_mpp = VISIUM_SPOT_UM / float(diameter) if diameter else None
     value, source = resolve_mpp(
         mpp,
-        [("scalefactors", sf_mpp), ("tiff_tags", tiff_mpp(image))],
+        [("scalefactors", sf_mpp), ("tiff_tags", tiff_mpp(image) if image is not None else None)],
         sf_path,
         "no spot_diameter_fullres in spatial/scalefactors_json.json",
     )
