@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,8 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory):
     """A fresh venv holding the built wheel; the heavy dependencies come from this environment (a .pth)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Built from a clean copy of the sources: setuptools keeps a build/ folder in the project,
+    # whose stale files (a module since renamed) would otherwise ship in the wheel.
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for name in ("embedstore", "indexes"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
@@ -65,3 +74,12 @@ def test_installed_package_lists_and_loads_its_recipes(installed):
     cli = subprocess.run([python, "-m", "embedstore", "index", "list"], capture_output=True, text=True, check=False, cwd=tmp)
     assert cli.returncode == 0, cli.stderr
     assert "her2st-builtin" in cli.stdout.split()
+
+
+def test_the_wheel_holds_exactly_the_package_sources(installed):
+    """Every module of the source tree ships, and nothing else (no stale copy of a renamed module)."""
+    wheel, _, _ = installed
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("embedstore/") and n.endswith(".py")}
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "embedstore").rglob("*.py")}
+    sources |= {"embedstore/indexes/" + p.name for p in (REPO / "indexes").glob("*.py")}
+    assert shipped == sources
