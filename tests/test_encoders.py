@@ -7,7 +7,9 @@ for their one-line error and, on the meta device, for the shape of their archite
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
@@ -19,8 +21,16 @@ from encoder_contracts import check_encoder_contract, he_tile
 
 import embedstore.encoders as enc_mod
 from embedstore import _schema
-from embedstore.encoders import DEFAULT_ENCODER, create_encoder, get_encoder_cfg, list_encoders, register_encoder
-from embedstore.encoders._base import ENCODERS, EncoderCfg, make_transform
+from embedstore.encoders import (
+    DEFAULT_ENCODER,
+    EncoderCfg,
+    create_encoder,
+    get_encoder_cfg,
+    list_encoders,
+    make_transform,
+    register_encoder,
+)
+from embedstore.encoders._registry import ENCODERS
 from embedstore.errors import BadInput, MissingDependency, MissingWeights
 
 OFFLINE = [e.name for e in ENCODERS if e.metadata["hf_hub_id"] is None]  # builtin, test-*, efficientnet-lite0
@@ -132,8 +142,18 @@ def test_unknown_keyword_is_an_error():
         create_encoder("uni", img_size=448)
 
 
-def test_import_is_cheap():
-    code = "import sys, embedstore.encoders; print(sorted(m for m in ('torch', 'timm', 'open_clip', 'huggingface_hub') if m in sys.modules))"
+def test_import_and_listing_stay_cheap():
+    # importing the package, listing the registry (API and CLI) and reading a cfg load no model code
+    code = (
+        "import sys, embedstore, embedstore.encoders as e; from embedstore.cli import app; "
+        "from typer.testing import CliRunner; "
+        "e.list_encoders(); e.get_encoder_cfg('uni2-h'); r = CliRunner().invoke(app, ['encoders']); "
+        "assert r.exit_code == 0 and 'uni2-h' in r.output, r.output; "
+        "heavy = ('torch', 'timm', 'open_clip', 'huggingface_hub'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in "
+        "('embedstore.encoders.timm_hub', 'embedstore.encoders.openclip', 'embedstore.encoders.imagenet', "
+        "'embedstore.encoders.external')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -162,6 +182,14 @@ def test_test_variants_are_reproducible_random_models(name, tiles, encoders):
     assert a.metadata()["weights"] == "random-init(seed=0)"
 
 
+@pytest.mark.parametrize("name", [n for n in OFFLINE if n != "builtin"])
+def test_model_classes_live_at_module_level(name, encoders):
+    # a class defined inside a function cannot be found by its name (pickling, torch.compile caches, docs)
+    cls = type(_get(encoders, name).model)
+    assert "<locals>" not in cls.__qualname__
+    assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
+
+
 def test_transform_resizes_crops_and_normalises():
     cfg = EncoderCfg(
         name="t",
@@ -179,6 +207,17 @@ def test_transform_resizes_crops_and_normalises():
     np.testing.assert_allclose(got, ref.transpose(0, 3, 1, 2), rtol=0, atol=1e-5)
     with pytest.raises(BadInput, match=r"^t: expected uint8 RGB tiles of shape \(B, H, W, 3\), got ndarray float64"):
         make_transform(cfg)(x.astype(float))
+
+
+def test_centre_crop_takes_torchvisions_offset():
+    # an odd margin (235 -> 224: 5.5 px) is split as torchvision's CenterCrop splits it
+    import torch
+    from torchvision.transforms.functional import center_crop
+
+    cfg = EncoderCfg(name="t", family="timm", architecture="a", dim=1, resize_size=235, mean=(0, 0, 0), std=(1, 1, 1))
+    x = np.random.default_rng(1).integers(0, 256, (1, 235, 235, 3), dtype=np.uint8)
+    ref = center_crop(torch.from_numpy(x).permute(0, 3, 1, 2), [224, 224]).numpy() / 255
+    np.testing.assert_allclose(make_transform(cfg)(x).numpy(), ref, rtol=0, atol=1e-6)
 
 
 def test_device_and_precision_choices(encoders):
@@ -350,10 +389,10 @@ _PARAMS_M = {  # published sizes, millions of parameters
 def test_real_timm_configs_have_the_published_shape(name):
     import torch
 
-    from embedstore.encoders.timm_hub import TIMM_MODELS, build_timm_model
+    from embedstore.encoders.timm_hub import ARCHITECTURE_KWARGS, build_timm_model
 
-    cfg, kwargs = TIMM_MODELS[name]
-    model = build_timm_model(cfg, kwargs(), device="meta")
+    cfg = get_encoder_cfg(name)
+    model = build_timm_model(cfg, ARCHITECTURE_KWARGS[name](), device="meta")
     with torch.device("meta"):
         out = model(torch.empty(2, 3, cfg.input_size, cfg.input_size))
     assert tuple(out.shape) == (2, cfg.dim)
@@ -479,6 +518,62 @@ def test_generic_timm_and_open_clip_names(empty_hub):
         create_encoder("open_clip:ViT-B-61")
     with pytest.raises(MissingWeights, match=r"^open_clip:ViT-B-32: weights for timm/"):
         create_encoder("open_clip:ViT-B-32")
+
+
+def test_generic_timm_preprocesses_as_timm_resolves(tmp_path):
+    """``timm:<arch>`` takes timm's own data config; its transform equals timm's create_transform."""
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    # tinynet_d: 152 px at crop_pct 0.875, so timm resizes to floor(173.7) = 173, not round() = 174
+    trunk = timm.create_model("tinynet_d.in1k", pretrained=False, num_classes=0).eval()
+    (tmp_path / "w").mkdir()
+    save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(tmp_path / "w" / "model.safetensors"))
+    enc = create_encoder("timm:tinynet_d", weights=f"local-dir:{tmp_path / 'w'}")
+    resolved = timm.data.resolve_model_data_config(trunk)
+    assert (enc.cfg.input_size, enc.cfg.resize_size) == (152, 173)
+    assert enc.cfg.mean == tuple(resolved["mean"])
+    assert enc.cfg.std == tuple(resolved["std"])
+    assert enc.cfg.interpolation == resolved["interpolation"]
+    timm_tf = timm.data.create_transform(**resolved)
+    for size, atol in ((173, 1e-5), (224, 1.5 / 255 / min(enc.cfg.std)), (120, 1.5 / 255 / min(enc.cfg.std))):
+        tile = he_tile(0.15, 0.4, size=size, nuclei=12, seed=1)
+        ref = timm_tf(Image.fromarray(tile)).numpy()
+        # same size: only the crop and the normalisation; other sizes: PIL and torch resampling agree within ~1 level
+        np.testing.assert_allclose(enc.transform()(tile[None]).numpy()[0], ref, rtol=0, atol=atol)
+    with torch.inference_mode():
+        ref_out = trunk(torch.from_numpy(ref[None]))
+    np.testing.assert_allclose(enc.forward(torch.from_numpy(ref[None])), ref_out.numpy(), rtol=1e-5, atol=1e-5)
+    # the resolved preprocessing is what the fingerprint hashes
+    weights = hashlib.sha256((tmp_path / "w" / "model.safetensors").read_bytes()).hexdigest()
+    preprocessing = {
+        "architecture": "tinynet_d",
+        "input_size": 152,
+        "resize_size": 173,
+        "mean": list(resolved["mean"]),
+        "std": list(resolved["std"]),
+        "interpolation": resolved["interpolation"],
+        "target_mpp": 0.5,
+        "pooling": "token",
+        "normalize": False,
+        "dim": trunk.num_features,
+    }
+    assert enc.fingerprint == _schema.fingerprint(weights, preprocessing)
+
+
+def test_openclip_models_come_from_its_public_api():
+    from embedstore.encoders import openclip
+
+    tree = ast.parse(Path(openclip.__file__).read_text())
+    private = [
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("open_clip."))
+        or (isinstance(node, ast.Attribute) and ast.unparse(node.value) == "open_clip" and node.attr.startswith("_"))
+    ]
+    assert private == []
 
 
 def test_module_reexports():

@@ -1,8 +1,9 @@
 """Registry of tile encoders: pathology foundation models, tiny test variants and a built-in baseline.
 
 ``create_encoder(name, weights=None)`` is the only way to build one; ``list_encoders()`` shows
-what is registered. Family modules register themselves when imported here (timm's pattern); their
-heavy libraries (torch, timm, open_clip) are imported only when an encoder is built.
+what is registered. Every registered cfg lives in ``_catalog``; a family's model code (``timm_hub``,
+``openclip``, ``imagenet``, ``external``), with torch and its library, is imported only when one of
+its encoders is built.
 
 Names: a registered name (``"uni2-h"``, ``"builtin"``, ...), ``"timm:<architecture>"`` or
 ``"open_clip:<model config>"``. Weights: ``None`` (the Hugging Face hub cache; ``HF_TOKEN`` for
@@ -16,15 +17,12 @@ import inspect
 import logging
 from typing import Any
 
-from embedstore.encoders import builtin, external, imagenet, openclip, timm_hub
-from embedstore.encoders._base import (
-    ENCODERS,
-    Encoder,
-    EncoderCfg,
-    looks_like_path,
-    make_transform,
-    register_encoder,
-)
+from embedstore.encoders._catalog import register_catalog
+from embedstore.encoders._config import EncoderCfg
+from embedstore.encoders._preprocess import make_transform
+from embedstore.encoders._registry import ENCODERS, register_encoder
+from embedstore.encoders._runtime import Encoder
+from embedstore.encoders._weights import looks_like_path
 from embedstore.errors import BadInput
 
 __all__ = [
@@ -42,7 +40,7 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "builtin"
 
-register_encoder("builtin", cfg=builtin.BUILTIN_CFG)(builtin.create_builtin)
+register_catalog()
 
 _LISTED = ["family", "dim", "license", "gated", "hf_hub_id", "weights", "target_mpp", "requires"]
 
@@ -69,8 +67,12 @@ def create_encoder(name: str, weights: str | None = None, **kwargs: Any) -> Enco
         msg = f"{name!r}: an encoder name must be a non-empty string; see list_encoders()"
         raise BadInput(msg)
     if name.startswith("timm:"):
+        from embedstore.encoders import timm_hub
+
         return timm_hub.create_generic_timm(name[5:], weights=weights, **kwargs)
     if name.startswith("open_clip:"):
+        from embedstore.encoders import openclip
+
         return openclip.create_generic_openclip(name[10:], weights=weights, **kwargs)
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or (name not in ENCODERS and looks_like_path(name)):
         msg = (
@@ -112,7 +114,3 @@ def list_encoders():  # -> pandas.DataFrame (pandas imported lazily)
 
     rows = [{"name": e.name, **{k: e.metadata.get(k) for k in _LISTED}} for e in ENCODERS]
     return pd.DataFrame(rows, columns=["name", *_LISTED]).set_index("name")
-
-
-# keep the family modules referenced: importing them is what registers their encoders
-_FAMILIES = (builtin, external, imagenet, openclip, timm_hub)

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from embedstore import _schema
-from embedstore.encoders._base import Encoder, EncoderCfg, _check_tiles
+from embedstore.encoders._config import EncoderCfg
+from embedstore.encoders._preprocess import check_tiles
+from embedstore.encoders._runtime import Encoder
 
 LOG = logging.getLogger(__name__)
 
@@ -290,7 +292,7 @@ class BuiltinPreprocess:
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """uint8 ``(B, H, W, 3)`` -> uint8 ``(B, size, size, 3)``."""
-        tiles = _check_tiles(tiles, self.name)
+        tiles = check_tiles(tiles, self.name)
         if tiles.shape[1:3] == (self.size, self.size):
             return tiles
         from PIL import Image
@@ -315,7 +317,7 @@ class BuiltinEncoder(Encoder):
 
     def forward(self, batch: Any) -> np.ndarray:
         """Features of a transformed batch, ``(B, 128)`` float32."""
-        arr = _check_tiles(np.asarray(batch), self.name)
+        arr = check_tiles(np.asarray(batch), self.name)
         if arr.shape[0] == 0:
             return np.zeros((0, DIM), dtype=np.float32)
         return builtin_features(arr)

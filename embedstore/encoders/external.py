@@ -1,73 +1,50 @@
-"""Encoders whose model code lives in a package that is not a core dependency.
+"""Model code of encoders whose library is not a core dependency.
 
 - CONCH (MahmoodLab/conch): a CoCa whose image tower is a timm ViT-B/16 with an attentional
   pooler; its key layout does not match open_clip's CoCa, so it needs the ``conch`` package.
 - Phikon-v2 (owkin/phikon-v2): a Hugging Face ``transformers`` Dinov2 model.
 
-Both stay registered with their cfgs (listings, fingerprints, docs); building one without its
-package raises :class:`MissingDependency` naming the package. These two loaders cannot be run in
-this workplace (neither package nor weights are available) and are kept minimal.
+Both stay registered with their cfgs (``_catalog``: listings, fingerprints, docs); building one
+without its package raises :class:`MissingDependency` naming the package. These two loaders
+cannot be run in this workplace (neither package nor weights are available) and are kept
+minimal. Imported only when one of them is created.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from embedstore.encoders._base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    Encoder,
-    EncoderCfg,
-    register_encoder,
-    resolve_weights,
-    weights_fingerprint,
-)
+import torch
+
+from embedstore._optional import import_optional
+from embedstore.encoders._config import EncoderCfg, weights_fingerprint
+from embedstore.encoders._runtime import Encoder
+from embedstore.encoders._weights import resolve_weights
 from embedstore.errors import MissingDependency
 
-LOG = logging.getLogger(__name__)
 
-CONCH_CFG = EncoderCfg(
-    name="conch",
-    family="conch",
-    architecture="conch_ViT-B-16",
-    dim=512,
-    hf_hub_id="MahmoodLab/conch",
-    filename="pytorch_model.bin",
-    input_size=448,
-    mean=OPENAI_CLIP_MEAN,
-    std=OPENAI_CLIP_STD,
-    interpolation="bicubic",
-    target_mpp=0.5,
-    license="CC-BY-NC-ND-4.0",
-    gated=True,
-    pooling="pooled",
-    source="hf-hub:MahmoodLab/conch",
-    requires="conch (pip install git+https://github.com/Mahmoodlab/CONCH.git)",
-)
+class ConchImage(torch.nn.Module):
+    """CONCH's image encoder; returns the pre-projection pooled embedding, as its authors use for tiles."""
 
-PHIKON_V2_CFG = EncoderCfg(
-    name="phikon-v2",
-    family="hf_transformers",
-    architecture="dinov2-vitl16",
-    dim=1024,
-    hf_hub_id="owkin/phikon-v2",
-    filename="model.safetensors",
-    input_size=224,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    interpolation="bicubic",
-    target_mpp=0.5,
-    license="Owkin non-commercial",
-    gated=False,
-    pooling="token",
-    source="hf-hub:owkin/phikon-v2",
-    requires="transformers",
-)
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Any) -> Any:
+        return self.model.encode_image(x, proj_contrast=False, normalize=False)
+
+
+class HFClassToken(torch.nn.Module):
+    """A Hugging Face vision model; returns the class token of its last layer."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Any) -> Any:
+        return self.model(pixel_values=x).last_hidden_state[:, 0]
 
 
 def _conch_module() -> Any:
@@ -82,56 +59,29 @@ def _conch_module() -> Any:
     return open_clip_custom
 
 
-_WRAPPERS: dict[str, Any] = {}
-
-
-def _wrapper(kind: str) -> Any:
-    """nn.Module wrappers returning ``(B, dim)``; defined on first use so torch stays lazy."""
-    if not _WRAPPERS:
-        import torch
-
-        class ConchImage(torch.nn.Module):
-            def __init__(self, model: Any) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, x: Any) -> Any:
-                # the pre-projection pooled embedding, as the CONCH authors use for tile features
-                return self.model.encode_image(x, proj_contrast=False, normalize=False)
-
-        class HFClassToken(torch.nn.Module):
-            def __init__(self, model: Any) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, x: Any) -> Any:
-                return self.model(pixel_values=x).last_hidden_state[:, 0]
-
-        _WRAPPERS.update(conch=ConchImage, hf=HFClassToken)
-    return _WRAPPERS[kind]
-
-
-@register_encoder("conch", cfg=CONCH_CFG)
-def create_conch(weights: Any = None) -> Encoder:
+def create_conch(cfg: EncoderCfg, weights: Any = None) -> Encoder:
     """Build CONCH's image encoder (needs the ``conch`` package)."""
     lib = _conch_module()
-    path, source = resolve_weights(CONCH_CFG, weights)
-    model, _ = lib.create_model_from_pretrained("conch_ViT-B-16", checkpoint_path=str(path))
-    return Encoder(CONCH_CFG, _wrapper("conch")(model).eval(), weights_fingerprint(CONCH_CFG, path), source)
+    path, source = resolve_weights(cfg, weights)
+    model, _ = lib.create_model_from_pretrained(cfg.architecture, checkpoint_path=str(path))
+    return Encoder(cfg, ConchImage(model).eval(), weights_fingerprint(cfg, path), source)
 
 
-@register_encoder("phikon-v2", cfg=PHIKON_V2_CFG)
-def create_phikon_v2(weights: Any = None) -> Encoder:
-    """Build Phikon-v2 (needs ``transformers``; the class token of the last layer)."""
-    from embedstore._optional import import_optional
-
-    transformers = import_optional("transformers", "encoder phikon-v2")
-    path, source = resolve_weights(PHIKON_V2_CFG, weights)
+def create_hf_class_token(cfg: EncoderCfg, weights: Any = None) -> Encoder:
+    """Build a ``transformers`` model (Phikon-v2) whose embedding is the last layer's class token."""
+    transformers = import_optional("transformers", f"encoder {cfg.name}")
+    path, source = resolve_weights(cfg, weights)
     folder = Path(path).parent  # transformers reads config.json beside the weights
     if not (folder / "config.json").is_file() and weights is None:
         import huggingface_hub
 
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        huggingface_hub.hf_hub_download(PHIKON_V2_CFG.hf_hub_id, "config.json", local_files_only=offline)
+        huggingface_hub.hf_hub_download(cfg.hf_hub_id, "config.json", local_files_only=offline)
     model = transformers.AutoModel.from_pretrained(str(folder))
-    return Encoder(PHIKON_V2_CFG, _wrapper("hf")(model).eval(), weights_fingerprint(PHIKON_V2_CFG, path), source)
+    return Encoder(cfg, HFClassToken(model).eval(), weights_fingerprint(cfg, path), source)
+
+
+def create(cfg: EncoderCfg, weights: Any = None) -> Encoder:
+    """Build the registered encoder of ``cfg`` (family ``conch`` or ``hf_transformers``)."""
+    builder = {"conch": create_conch, "hf_transformers": create_hf_class_token}[cfg.family]
+    return builder(cfg, weights)

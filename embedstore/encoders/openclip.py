@@ -1,33 +1,31 @@
-"""open_clip-family encoders: OmiCLIP/Loki (CoCa ViT-L/14), its tiny test variant, and ``open_clip:<arch>``.
+"""open_clip-family model code: OmiCLIP/Loki (CoCa ViT-L/14), its tiny test variant, and ``open_clip:<arch>``.
 
-Only the image tower is built (from the model's JSON config as a dict, with open_clip's own
-builder), so a CoCa checkpoint's text tower and decoder never take memory. Weights are the full
-CLIP/CoCa state dict; the ``visual.`` keys are kept.
+Models are built with open_clip's public ``create_model`` from a named config, with the text
+tower (and a CoCa's text decoder) replaced by a stub of minimal size: only the image tower is
+kept, so a CoCa checkpoint's text tower and decoder never take memory. Weights are the full
+CLIP/CoCa state dict; the ``visual.`` keys are kept. Imported only when an open_clip encoder is
+created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
-from embedstore.encoders._base import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    Encoder,
-    EncoderCfg,
-    load_into,
-    load_state_dict,
-    register_encoder,
-    resolve_weights,
-    seeded,
-    weights_fingerprint,
-)
+import open_clip
+import torch
+
+from embedstore.encoders._config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, EncoderCfg, weights_fingerprint
+from embedstore.encoders._runtime import Encoder, seeded
+from embedstore.encoders._weights import load_into, load_state_dict, resolve_weights
 from embedstore.errors import BadInput
 
-LOG = logging.getLogger(__name__)
+TEST_ARCHITECTURE = "embedstore-test-coca"
 
-# A CoCa model at toy size: the same VisionTransformer + attentional pooler path as coca_ViT-L-14.
+# A CoCa image tower at toy size: the same VisionTransformer + attentional pooler path as coca_ViT-L-14.
 TEST_OPENCLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 64,
     "vision_cfg": {
@@ -43,14 +41,12 @@ TEST_OPENCLIP_CONFIG: dict[str, Any] = {
     },
 }
 
+# The text tower (and text decoder) open_clip builds beside the image tower, at their smallest.
+_STUB_TEXT_CFG: dict[str, Any] = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
+
 
 def _model_config(cfg: EncoderCfg) -> dict[str, Any]:
-    """The open_clip model config (dict) of ``cfg``: ours for test variants, open_clip's otherwise."""
-    if cfg.architecture == "embedstore-test-coca":
-        return TEST_OPENCLIP_CONFIG
-    from embedstore._optional import import_optional
-
-    open_clip = import_optional("open_clip", f"encoder {cfg.name}")
+    """open_clip's model config (dict) named by ``cfg.architecture``."""
     model_cfg = open_clip.get_model_config(cfg.architecture)
     if model_cfg is None:
         close = difflib.get_close_matches(cfg.architecture, open_clip.list_models(), n=5, cutoff=0.5)
@@ -60,31 +56,50 @@ def _model_config(cfg: EncoderCfg) -> dict[str, Any]:
     return model_cfg
 
 
-_VISUAL_CLASS: list[Any] = []
+def _create_model_args(cfg: EncoderCfg) -> tuple[str, dict[str, Any]]:
+    """The open_clip config name to build, and the config keys that replace its own."""
+    if cfg.architecture == TEST_ARCHITECTURE:
+        # every key of the plain CLIP config ViT-B-32 is replaced; a CLIP builds its image tower
+        # first, so the seed alone decides the toy's weights
+        return "ViT-B-32", {**TEST_OPENCLIP_CONFIG, "text_cfg": _STUB_TEXT_CFG}
+    stubs = {"text_cfg": _STUB_TEXT_CFG}
+    if "multimodal_cfg" in _model_config(cfg):
+        stubs["multimodal_cfg"] = _STUB_TEXT_CFG
+    return cfg.architecture, stubs
 
 
-def _image_tower(visual: Any) -> Any:
-    """Wrap an open_clip vision tower so that calling it returns the pooled image latent."""
-    if not _VISUAL_CLASS:  # defined on first use so that torch is imported lazily
-        import torch
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's warning that it built a model without weights: they are loaded after."""
 
-        class ImageTower(torch.nn.Module):
-            """open_clip's vision tower; returns its pooled, projected output (CLIP's image latent)."""
-
-            def __init__(self, visual: Any) -> None:
-                super().__init__()
-                self.visual = visual
-
-            def forward(self, x: Any) -> Any:
-                out = self.visual(x)
-                # towers built with output_tokens return (pooled, tokens)
-                return out[0] if isinstance(out, tuple) else out
-
-        _VISUAL_CLASS.append(ImageTower)
-    return _VISUAL_CLASS[0](visual)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
 
 
-def build_openclip_model(cfg: EncoderCfg, device: Any = None) -> Any:
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Silence open_clip's random-initialisation warning (logged on the root logger) in the block."""
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
+class ImageTower(torch.nn.Module):
+    """open_clip's vision tower; returns its pooled, projected output (CLIP's image latent)."""
+
+    def __init__(self, visual: Any) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: Any) -> Any:
+        out = self.visual(x)
+        # towers built with output_tokens return (pooled, tokens)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def build_openclip_model(cfg: EncoderCfg, device: Any = None) -> ImageTower:
     """Build the image tower of ``cfg`` with random weights (seeded when ``cfg.seed`` is set).
 
     Parameters
@@ -94,24 +109,14 @@ def build_openclip_model(cfg: EncoderCfg, device: Any = None) -> Any:
     device
         Build on this device (``"meta"`` checks shapes without allocating).
     """
-    import torch
-
-    from embedstore._optional import import_optional
-
-    import_optional("open_clip", f"encoder {cfg.name}")
-    from open_clip.model import _build_vision_tower
-
-    model_cfg = _model_config(cfg)
-    with seeded(cfg.seed), torch.device(device or "cpu"):
-        visual = _build_vision_tower(
-            embed_dim=model_cfg["embed_dim"],
-            vision_cfg=dict(model_cfg["vision_cfg"]),
-            quick_gelu=bool(model_cfg.get("quick_gelu", False)),
-        )
-    return _image_tower(visual).eval()
+    name, replaced = _create_model_args(cfg)
+    device = device or "cpu"
+    with seeded(cfg.seed), torch.device(device), _quiet_random_init():
+        model = open_clip.create_model(name, pretrained=None, device=device, pretrained_text=False, **replaced)
+    return ImageTower(model.visual).eval()
 
 
-def create_openclip_encoder(cfg: EncoderCfg, weights: Any = None) -> Encoder:
+def create(cfg: EncoderCfg, weights: Any = None) -> Encoder:
     """Resolve weights, build the image tower, load its ``visual.`` weights, fingerprint it."""
     path, source = resolve_weights(cfg, weights)
     model = build_openclip_model(cfg)
@@ -119,53 +124,6 @@ def create_openclip_encoder(cfg: EncoderCfg, weights: Any = None) -> Encoder:
         sd = load_state_dict(path, prefix="visual.")
         load_into(model.visual, sd, str(path), cfg.name)
     return Encoder(cfg, model, weights_fingerprint(cfg, path), source)
-
-
-def _add(cfg: EncoderCfg) -> None:
-    def factory(weights: Any = None) -> Encoder:
-        return create_openclip_encoder(cfg, weights)
-
-    factory.__doc__ = f"Build the {cfg.name} encoder ({cfg.source})."
-    register_encoder(cfg.name, cfg=cfg)(factory)
-
-
-_add(
-    EncoderCfg(
-        name="omiclip",
-        family="open_clip",
-        architecture="coca_ViT-L-14",
-        dim=768,
-        hf_hub_id="WangGuangyuLab/Loki",
-        filename="checkpoint.pt",
-        input_size=224,
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
-        interpolation="bicubic",
-        target_mpp=0.5,
-        license="BSD-3-Clause",
-        gated=True,
-        normalize=True,  # CoCa.encode_image normalises, and Loki compares normalised embeddings
-        source="hf-hub:WangGuangyuLab/Loki",
-    )
-)
-_add(
-    EncoderCfg(
-        name="test-openclip",
-        family="open_clip",
-        architecture="embedstore-test-coca",
-        dim=64,
-        input_size=112,
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
-        interpolation="bicubic",
-        target_mpp=0.5,
-        license="MIT",
-        gated=False,
-        normalize=True,
-        source="random (seed 0)",
-        seed=0,
-    )
-)
 
 
 def create_generic_openclip(arch: str, weights: Any = None, pretrained: str | None = None) -> Encoder:
@@ -182,9 +140,6 @@ def create_generic_openclip(arch: str, weights: Any = None, pretrained: str | No
         open_clip pretrained tag (e.g. ``"laion2b_s34b_b88k"``); the first tag with a hub
         repository when not given.
     """
-    from embedstore._optional import import_optional
-
-    open_clip = import_optional("open_clip", f"encoder open_clip:{arch}")
     probe = EncoderCfg(name=f"open_clip:{arch}", family="open_clip", architecture=arch, dim=0)
     model_cfg = _model_config(probe)
     tags = [t for m, t in open_clip.list_pretrained() if m == arch]
@@ -221,4 +176,4 @@ def create_generic_openclip(arch: str, weights: Any = None, pretrained: str | No
         normalize=True,
         source=f"hf-hub:{hub}" if hub else "",
     )
-    return create_openclip_encoder(cfg, weights)
+    return create(cfg, weights)
