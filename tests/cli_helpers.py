@@ -14,9 +14,14 @@ def run(*args: object) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit code 2 and exactly one stderr line holding every needle."""
+    """Exit code 2 and exactly one stderr line holding every needle, besides the progress lines before it."""
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [ln for ln in result.stderr.strip().splitlines() if not _is_progress(ln)]
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def _is_progress(line: str) -> bool:
+    """A line of the ``embedstore.progress`` logger (``embedstore: <step>``), not the error."""
+    return line.startswith("embedstore: ") and not line.startswith("embedstore: error: ")
