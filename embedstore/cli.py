@@ -180,7 +180,7 @@ def index_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")],
 ) -> None:
     """Build an exemplar index (aligner, FAISS, aggregator) from a recipe."""
-    from embedstore.reference import build_index
+    from embedstore.build import build_index
 
     path = build_index(recipe, store, out)
     typer.echo(f"index -> {path}")
@@ -204,12 +204,25 @@ def predict(
     cohort: Annotated[str | None, typer.Option(help="Cohort of the query slides.")] = None,
     k: Annotated[int | None, typer.Option(help="Neighbours; the index's own by default.")] = None,
     aggregator: Annotated[str | None, typer.Option(help="mean, softmax, idw or learned.")] = None,
+    exclude_own: Annotated[
+        str | None,
+        typer.Option(help="Leave out the exemplars of the query's own slide (slide) or its patient's (patient)."),
+    ] = None,
     plot: Annotated[bool, typer.Option(help="Also write maps of the top predicted genes (PNG).")] = False,
 ) -> None:
     """Predict expression for stored tiles and write AnnData (scanpy/squidpy ready)."""
+    from embedstore._schema import Col
+    from embedstore.errors import BadInput
     from embedstore.prediction import predict as run_predict
 
-    adata = run_predict(index, store, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator, out=out, plot=plot)
+    own = {"slide": Col.SLIDE_ID, "patient": Col.PATIENT}
+    if exclude_own is not None and exclude_own not in own:
+        msg = f"--exclude-own {exclude_own}: not a choice; use slide or patient"
+        raise BadInput(msg)
+    adata = run_predict(
+        index, store, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator,
+        exclude_own=own.get(exclude_own), out=out, plot=plot,
+    )  # fmt: skip
     typer.echo(f"{adata.n_obs} tiles x {adata.n_vars} genes -> {out}")
 
 
@@ -246,7 +259,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole pipeline offline: synthetic cohort (or --data), embed, align, index, predict, evaluate."""
-    from embedstore.evaluation import demo as run_demo
+    from embedstore.demo import demo as run_demo
 
     result = run_demo(out, data=data, seed=seed)
     typer.echo(result.table())

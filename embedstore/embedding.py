@@ -249,6 +249,9 @@ def embed(
                     "size_px": size_px,
                     "min_tissue": min_tissue,
                 }
+                if job.spots is not None and job.path is not None:  # what a prediction's H&E needs, without the counts
+                    source["image"] = str(Path(job.path).resolve())
+                    source["spot_diameter_um"] = job.spots.uns["embedstore"].get("spot_diameter_um")
                 n = _embed_slide(
                     job,
                     out,

@@ -1,16 +1,30 @@
 """The prediction stage: stored embeddings -> exemplar index kNN -> aggregation -> AnnData.
 
-Output follows the prediction contract: ``X`` = predicted log-normalised expression,
-``var`` = panel genes, ``obs`` = tiles (cohort, slide_id, tile_id, spot_id, x, y),
-``obsm['spatial']`` = level-0 pixel centres, so scanpy and squidpy plot it like Visium.
-Slides are predicted one at a time, so memory is bounded by the largest slide.
+The prediction contract, one AnnData for ``predict``, ``evaluate`` and ``demo``:
+
+- ``X``: predicted log-normalised expression (float32), ``var_names``: the panel genes;
+- ``obs``: one row per tile with exactly :data:`OBS_COLUMNS`: ``cohort``, ``slide_id``
+  (categorical: the library key, ``library_key="slide_id"`` in squidpy), ``patient``,
+  ``tile_id``, ``spot_id`` (``""`` where unknown: a grid tile has no spot, a plain slide no
+  patient), ``x``, ``y`` (level-0 pixel centre);
+- ``obsm['spatial']``: ``(x, y)`` level-0 pixel centres;
+- ``uns['spatial'][slide_id]``: the Visium convention of scanpy and squidpy, the slide's H&E
+  (``images``: ``hires`` at most 2000 px, ``lowres`` at most 600 px, uint8 RGB), its
+  ``scalefactors`` (``tissue_hires_scalef``, ``tissue_lowres_scalef``: image px per level-0 px;
+  ``spot_diameter_fullres``: the ST spot, or the tile side, in level-0 px) and ``metadata``;
+- ``uns['embedstore']``: provenance (index, encoder, k, aggregator).
+
+So ``sc.pl.spatial(adata, color=gene)`` draws one slide's prediction over its H&E (with several
+slides: ``library_id=slide``), and ``sq.pl.spatial_scatter(adata, color=gene,
+library_key="slide_id")`` draws all of them. Slides are read one row group at a time, so
+memory is bounded by the output, not by the input embeddings.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +33,27 @@ import numpy as np
 from embedstore._atomic import atomic_file, check_replaceable
 from embedstore._params import Str, validated
 from embedstore._schema import OBSM_SPATIAL, UNS_KEY, Col
-from embedstore.errors import BadInput
+from embedstore.errors import BadInput, EmbedstoreError
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["predict", "prediction_anndata", "write_h5ad"]
+__all__ = ["OBS_COLUMNS", "predict", "prediction_anndata", "spatial_libraries", "write_h5ad"]
 
-OBS_COLUMNS = (Col.COHORT, Col.SLIDE_ID, Col.TILE_ID, Col.SPOT_ID, Col.X, Col.Y)
+OBS_COLUMNS = (Col.COHORT, Col.SLIDE_ID, Col.PATIENT, Col.TILE_ID, Col.SPOT_ID, Col.X, Col.Y)
+_TEXT_COLUMNS = (Col.COHORT, Col.PATIENT, Col.TILE_ID, Col.SPOT_ID)
+UNS_SPATIAL = "spatial"  # scanpy/squidpy: uns['spatial'][library_id] = {images, scalefactors, metadata}
+HIRES_PX = 2000  # longer side of the hires image, as Space Ranger's tissue_hires_image.png
+LOWRES_PX = 600  # longer side of the lowres image, as Space Ranger's tissue_lowres_image.png
 
 
-def prediction_anndata(values: np.ndarray, genes: Sequence[str], obs: Any, uns: dict[str, Any] | None = None) -> Any:
-    """Wrap predictions as AnnData of the prediction contract.
+def prediction_anndata(
+    values: np.ndarray,
+    genes: Sequence[str],
+    obs: Any,
+    uns: dict[str, Any] | None = None,
+    spatial: dict[str, Any] | None = None,
+) -> Any:
+    """Wrap predictions as AnnData of the prediction contract (see the module docstring).
 
     Parameters
     ----------
@@ -38,30 +62,125 @@ def prediction_anndata(values: np.ndarray, genes: Sequence[str], obs: Any, uns: 
     genes
         Column names.
     obs
-        pandas DataFrame or Arrow table with at least slide_id and x, y (level-0 px);
-        tile_id, spot_id and cohort when known.
+        pandas DataFrame or Arrow table with at least slide_id and x, y (level-0 px); the
+        other :data:`OBS_COLUMNS` are ``""`` when absent, further columns are dropped.
     uns
         Provenance stored under ``uns['embedstore']``.
+    spatial
+        ``uns['spatial']``: :func:`spatial_libraries` of the slides (none by default).
     """
     import anndata as ad
     import pandas as pd
 
     df = obs.to_pandas() if hasattr(obs, "to_pandas") else pd.DataFrame(obs).copy()
     df = df.reset_index(drop=True)
-    key = df[Col.TILE_ID] if Col.TILE_ID in df else df[Col.SPOT_ID]
-    df.index = (df[Col.SLIDE_ID].astype(str) + ":" + key.astype(str)).to_numpy()
-    for c in df.columns:
-        if df[c].dtype == object or isinstance(df[c].dtype, pd.StringDtype):
-            # h5ad string columns cannot hold None: a tile without a spot (or patient) gets ""
-            df[c] = df[c].fillna("").astype(str)
+    missing = [c for c in (Col.SLIDE_ID, Col.X, Col.Y) if c not in df]
+    if missing:
+        msg = f"prediction obs: no column(s) {', '.join(missing)}; give each tile's slide_id and level-0 centre x, y"
+        raise BadInput(msg)
+    for c in _TEXT_COLUMNS:
+        # h5ad string columns cannot hold None: a tile without a spot (or patient) gets ""
+        df[c] = df[c].fillna("").astype(str) if c in df else ""
+    df = df[list(OBS_COLUMNS)]
+    key = df[Col.TILE_ID].where(df[Col.TILE_ID] != "", df[Col.SPOT_ID])
+    df.index = (df[Col.SLIDE_ID].astype(str) + ":" + key).to_numpy()
+    df[Col.SLIDE_ID] = pd.Categorical(df[Col.SLIDE_ID].astype(str))
     adata = ad.AnnData(
         X=np.asarray(values, dtype=np.float32),
         obs=df,
         var=pd.DataFrame(index=pd.Index([str(g) for g in genes], name="gene")),
     )
     adata.obsm[OBSM_SPATIAL] = df[[Col.X, Col.Y]].to_numpy(dtype=np.float64)
+    adata.uns[UNS_SPATIAL] = dict(spatial or {})
     adata.uns[UNS_KEY] = dict(uns or {})
     return adata
+
+
+def spatial_libraries(store: str | Path | Any, encoder: str, slides: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """``uns['spatial']`` for predicted slides: each one's downscaled H&E and scale factors.
+
+    The image is read from the source recorded when the slide was embedded: the slide file,
+    or the section's image in its ST data set. A slide whose source is gone (or unreadable)
+    gets no entry, and one warning names all such slides.
+
+    Parameters
+    ----------
+    store
+        Store (or its path) the slides were embedded into.
+    encoder
+        The encoder whose embedding recorded the source.
+    slides
+        ``(cohort, slide_id)`` pairs.
+
+    Returns
+    -------
+    ``{slide_id: {"images": {"hires", "lowres"}, "scalefactors": {...}, "metadata": {...}}}``.
+    """
+    from embedstore.store import open_store
+
+    st = open_store(store) if isinstance(store, str | Path) else store
+    sections: dict[str, dict[str, dict[str, Any]]] = {}  # ST data set -> slide id -> reader's uns['embedstore']
+    libraries, missing = {}, []
+    for cohort, slide_id in slides:
+        try:
+            libraries[slide_id] = _library(st, encoder, cohort, slide_id, sections)
+        except EmbedstoreError as e:
+            missing.append(f"{slide_id} ({e})")
+    if missing:
+        LOG.warning(
+            "no H&E image for slide(s) %s: their predictions have no image in uns['spatial']; "
+            "put the source back where it was embedded from, or plot with spot_size=...",
+            "; ".join(missing),
+        )
+    return libraries
+
+
+def _library(st: Any, encoder: str, cohort: str, slide_id: str, sections: dict[str, Any]) -> dict[str, Any]:
+    """One slide's ``uns['spatial']`` entry, from its recorded source (BadInput when the image cannot be read)."""
+    from PIL import Image
+
+    from embedstore.slides import open_slide
+    from embedstore.spots import read_dataset
+
+    src = st.slide_source(encoder, cohort, slide_id)
+    if not src:
+        msg = "the store does not record where it was embedded from"
+        raise BadInput(msg)
+    data, mpp, spot_um = Path(src["data"]), src.get("mpp"), None
+    if not data.exists():
+        msg = f"its source {data} is gone"
+        raise BadInput(msg)
+    if src.get("kind") == "st" and src.get("image"):  # recorded at embedding
+        image, spot_um = Path(src["image"]), src.get("spot_diameter_um")
+    elif src.get("kind") == "st":  # a store embedded before images were recorded: read the data set
+        if str(data) not in sections:
+            sections[str(data)] = {s.uns[UNS_KEY]["slide_id"]: s.uns[UNS_KEY] for s in read_dataset(data, join=None)}
+        info = sections[str(data)].get(slide_id) or {}
+        if not info.get("image_path"):
+            msg = f"{data} holds no image of section {slide_id}"
+            raise BadInput(msg)
+        image, mpp, spot_um = Path(info["image_path"]), mpp or info["mpp"], info["spot_diameter_um"]
+    else:
+        image = data
+    with open_slide(image, mpp=mpp, slide_id=slide_id) as slide:
+        mpp, full = slide.mpp, max(slide.dimensions)
+        hires = slide.thumbnail(HIRES_PX)
+    lowres = hires.copy()
+    lowres.thumbnail((LOWRES_PX, LOWRES_PX), Image.Resampling.BILINEAR)
+    if spot_um:  # the measured spot
+        diameter = spot_um / mpp
+    else:  # a grid tile: its side
+        geom = st.encoder_metadata(encoder, cohort, [slide_id])["geometry"]
+        diameter = geom["size_px"] * geom["mpp"] / mpp
+    return {
+        "images": {"hires": np.asarray(hires, dtype=np.uint8), "lowres": np.asarray(lowres, dtype=np.uint8)},
+        "scalefactors": {
+            "tissue_hires_scalef": max(hires.size) / full,
+            "tissue_lowres_scalef": max(lowres.size) / full,
+            "spot_diameter_fullres": float(diameter),
+        },
+        "metadata": {"source_image_path": str(image), "mpp": float(mpp)},
+    }
 
 
 PREDICTION_KIND = "prediction"
@@ -132,9 +251,9 @@ def predict(
     k: int | None = None,
     aggregator: str | None = None,
     exclude_own: str | None = None,
+    images: bool = True,
     out: str | Path | None = None,
     plot: bool = False,
-    image: str | Path | None = None,
 ) -> Any:
     """Predict expression for stored tiles with an exemplar index.
 
@@ -151,23 +270,24 @@ def predict(
     aggregator
         ``"mean"``, ``"softmax"``, ``"idw"`` or ``None`` for the index's own (possibly learned).
     exclude_own
-        ``"slide_id"`` or ``"patient"``: leave the query's own slide/patient out of retrieval
-        (evaluation on the reference without leakage).
+        ``"slide_id"``: leave the exemplars of the query's own slide out of retrieval;
+        ``"patient"``: those of every slide of its patient. Without it, a query slide that is
+        also in the index is predicted in-sample, and a warning says so.
+    images
+        Put each slide's downscaled H&E into ``uns['spatial']`` (:func:`spatial_libraries`).
     out
         ``.h5ad`` file to write (atomically).
     plot
         Also write maps of the most variable predicted genes next to ``out``
-        (``<out>.<slide>.png``), over ``image`` when given.
-    image
-        The slide image for the maps' background (one slide).
+        (``<out>.<slide>.png``), over the slide's H&E when ``images``.
 
     Returns
     -------
-    AnnData of the prediction contract.
+    AnnData of the prediction contract (see the module docstring).
     """
-    import anndata as ad
+    import pandas as pd
 
-    from embedstore.index import load_index
+    from embedstore.index_folder import load_index
     from embedstore.store import open_store
 
     idx = load_index(index) if isinstance(index, str | Path) else index
@@ -188,7 +308,8 @@ def predict(
         check_prediction_out(out)
         for slide in slides if plot else ():
             check_replaceable(_map_path(Path(out), slide), MAP_KIND, what="prediction map (.png)", option="--out")
-    parts = []
+    patients = _patients(st)
+    values, obs = [], []
     # One row group (~64 MiB of vectors) at a time: memory does not grow with the slide. Every
     # file's fingerprint and tile geometry are checked against the index's before the first chunk.
     chunks = st.iter_embeddings(
@@ -197,33 +318,41 @@ def predict(
     for meta, emb in chunks:
         if not len(emb):
             continue
+        tiles = _tile_obs(meta, patients)
         groups = None
-        if exclude_own == Col.SLIDE_ID:
-            groups = meta.column(Col.SLIDE_ID).to_numpy(zero_copy_only=False)
-        elif exclude_own:
-            groups = _patients(st, meta)
-        values = idx.predict(
+        if exclude_own is not None:
+            groups = tiles[exclude_own].to_numpy(dtype=str)
+            if exclude_own == Col.PATIENT and (groups == "").any():
+                msg = "exclude_own='patient' (--exclude-own patient): some tiles have no patient in the store's spots table; use exclude_own='slide_id'"
+                raise BadInput(msg)
+        predicted = idx.predict(
             emb, k=k, aggregator=aggregator, query_groups=groups, group_by=exclude_own or Col.SLIDE_ID,
             fingerprint=meta.column(Col.FINGERPRINT)[0].as_py(),
         )  # fmt: skip
-        obs = meta.select([c for c in OBS_COLUMNS if c in meta.column_names])
-        parts.append(prediction_anndata(values, idx.genes, obs))
-        LOG.info("predicted %d tiles of %s", len(emb), meta.column(Col.SLIDE_ID)[0].as_py())
-    if not parts:
+        values.append(predicted)
+        obs.append(tiles)
+        LOG.info("predicted %d tiles of %s", len(emb), tiles[Col.SLIDE_ID].iat[0])
+    if not values:
         msg = f"{st.root}: the selected slides ({', '.join(slides[:5])}) hold no tiles of encoder {encoder!r}; embed them again"
         raise BadInput(msg)
-    adata = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
-    adata.uns[UNS_KEY] = {
+    tiles = pd.concat(obs, ignore_index=True)
+    slides_done = list(dict.fromkeys(zip(tiles[Col.COHORT], tiles[Col.SLIDE_ID], strict=True)))
+    if exclude_own is None:
+        _warn_in_sample(idx, slides_done)
+    uns = {
         "index": str(index) if isinstance(index, str | Path) else "",
         "encoder": idx.manifest["embedstore.encoder"],
         "k": k,
         "aggregator": aggregator or idx.manifest["aggregator"]["name"],
+        "exclude_own": exclude_own or "",
         "n_exemplars": len(idx),
     }
+    spatial = spatial_libraries(st, encoder, slides_done) if images else None
+    adata = prediction_anndata(np.concatenate(values), idx.genes, tiles, uns=uns, spatial=spatial)
     if out is not None:
         write_h5ad(adata, out)
         if plot:
-            _plot(adata, Path(out), image)
+            _plot(adata, Path(out))
     return adata
 
 
@@ -253,34 +382,49 @@ def _slides(st: Any, encoder: str, cohort: str | None) -> list[str]:
     return df.slide_id.tolist()
 
 
-def _patients(st: Any, meta: Any) -> np.ndarray:
-    """Patient of each tile, from the store's spots table."""
-    spots = st.sql("SELECT slide_id, spot_id, patient FROM spots", output="pandas")
-    lookup = {(s, p): pt for s, p, pt in spots.itertuples(index=False)}
-    out = [
-        lookup.get((s, p))
-        for s, p in zip(meta.column(Col.SLIDE_ID).to_pylist(), meta.column(Col.SPOT_ID).to_pylist(), strict=True)
-    ]
-    if any(v is None for v in out):
-        msg = "exclude_own='patient': some tiles have no patient in the store's spots table; use exclude_own='slide_id'"
-        raise BadInput(msg)
-    return np.asarray(out, dtype=str)
+def _patients(st: Any) -> dict[tuple[str, str, str], str]:
+    """Patient of every spot in the store's spots table, by (cohort, slide_id, spot_id)."""
+    spots = st.sql("SELECT cohort, slide_id, spot_id, patient FROM spots WHERE patient IS NOT NULL", output="pandas")
+    return {(c, s, p): pt for c, s, p, pt in spots.itertuples(index=False)}
 
 
-def _plot(adata: Any, out: Path, image: str | Path | None) -> None:
+def _tile_obs(meta: Any, patients: dict[tuple[str, str, str], str]) -> Any:
+    """The :data:`OBS_COLUMNS` of a chunk of stored tiles (patient "" where the store has none)."""
+    df = meta.select([c for c in OBS_COLUMNS if c in meta.column_names]).to_pandas()
+    df[Col.SPOT_ID] = df[Col.SPOT_ID].fillna("").astype(str)
+    keys = zip(df[Col.COHORT], df[Col.SLIDE_ID], df[Col.SPOT_ID], strict=True)
+    df[Col.PATIENT] = [patients.get(key, "") for key in keys]
+    return df[list(OBS_COLUMNS)]
+
+
+def _warn_in_sample(idx: Any, predicted: Sequence[tuple[str, str]]) -> None:
+    """One warning when predicted slides are also exemplars of the index (their own spots are neighbours)."""
+    exemplar_slides = set(idx.exemplars.column(Col.SLIDE_ID).to_pylist())
+    built_from = (idx.manifest.get("recipe") or {}).get(Col.COHORT)
+    cohorts = None if not built_from else {built_from} if isinstance(built_from, str) else set(built_from)
+    shared = [s for c, s in predicted if s in exemplar_slides and (cohorts is None or c in cohorts)]
+    if shared:
+        LOG.warning(
+            "slide(s) %s are in the index: each tile's own measured spot is among its neighbours (in-sample); "
+            "pass exclude_own='slide_id' or 'patient' (--exclude-own slide|patient) to leave them out",
+            ", ".join(shared[:10]) + (", ..." if len(shared) > 10 else ""),
+        )
+
+
+def _plot(adata: Any, out: Path) -> None:
+    from PIL import Image
+
     from embedstore.report import plot_prediction_maps
 
-    thumb, scale = None, 1.0
-    if image is not None:
-        from embedstore.slides import open_slide
-
-        with open_slide(image, mpp=1.0) as slide:  # µm/px is irrelevant for a thumbnail
-            thumb = slide.thumbnail(1024)
-            scale = thumb.size[0] / slide.dimensions[0]
     variable = np.argsort(-np.asarray(adata.X).var(axis=0))[:4]
     genes = [adata.var_names[i] for i in variable]
     for slide in adata.obs[Col.SLIDE_ID].unique():
         sub = adata[adata.obs[Col.SLIDE_ID] == slide]
+        library = adata.uns[UNS_SPATIAL].get(slide)
+        thumb, scale = None, 1.0
+        if library is not None:
+            thumb = Image.fromarray(library["images"]["hires"])
+            scale = library["scalefactors"]["tissue_hires_scalef"]
         plot_prediction_maps(sub, thumb, scale, genes, _map_path(out, slide))
 
 
