@@ -114,7 +114,7 @@ def test_one_encoder_folder_with_two_fingerprints_errors_when_vectors_are_read(s
     # The same encoder name, other weights (say, a re-download): a slide written with them.
     writable = open_store(root, read_only=False)
     writer = writable.slide_writer({**meta, "fingerprint": "0" * 64}, "cohort", "Z9")
-    tiles = table.select(tile_schema().names).set_column(0, Col.SLIDE_ID, pa.array(["Z9"] * table.num_rows))
+    tiles = table.append_column(Col.SLIDE_ID, pa.array(["Z9"] * table.num_rows)).select(tile_schema().names)
     writer.append(tiles.cast(tile_schema()), np.ones((table.num_rows, 128), np.float32))
     writer.commit()
     s = open_store(root)

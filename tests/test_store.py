@@ -13,18 +13,17 @@ import time
 import zlib
 from pathlib import Path
 
-import duckdb
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from embedstore._schema import META_ENCODER, META_SCHEMA_VERSION, SCHEMA_VERSION, Col, tile_id, tile_schema
+from embedstore._schema import META_ENCODER, META_SCHEMA_VERSION, Col, tile_id, tile_schema
 from embedstore.errors import BadInput, FingerprintMismatch
 from embedstore.store import open_store
-from embedstore.store._files import NotPlain, read_vectors_into, vectors_from_arrow
+from embedstore.store._files import NotPlain, _page_header, read_vectors_into, vectors_from_arrow
+from embedstore.store._layout import LAYOUT_VERSION
 
 DIM = 16
 META = {"name": "toy", "family": "builtin", "cfg": {"dim": DIM}, "fingerprint": "f" * 16}
@@ -75,34 +74,26 @@ def test_round_trip_columns_and_metadata(store):
     path = store.root / "embeddings/encoder=toy/cohort=c1/slide_id=S1/tiles.parquet"
     table = pq.read_table(path)
     meta = table.schema.metadata
-    assert meta[META_SCHEMA_VERSION.encode()].decode() == SCHEMA_VERSION
+    assert meta[META_SCHEMA_VERSION.encode()].decode() == LAYOUT_VERSION
     assert json.loads(meta[META_ENCODER.encode()]) == META
     assert table.schema.field(Col.EMBEDDING).type == pa.list_(pa.field("element", pa.float32(), False), DIM)
+    # The folders carry the partition keys; the file holds the other columns only.
+    assert not {Col.ENCODER, Col.COHORT, Col.SLIDE_ID} & set(table.column_names)
     # Rows come back sorted by (y, x); compare as sets keyed by tile id.
     got = table.to_pandas().set_index(Col.TILE_ID).sort_index()
     want = tiles.to_pandas().set_index(Col.TILE_ID).sort_index()
-    for c in (Col.SLIDE_ID, Col.SPOT_ID, Col.X, Col.Y, Col.MPP, Col.SIZE_PX, Col.PADDED):
+    for c in (Col.SPOT_ID, Col.X, Col.Y, Col.MPP, Col.SIZE_PX, Col.PADDED):
         assert got[c].tolist() == want[c].tolist(), c
-    assert set(got[Col.COHORT]) == {"c1"}
-    assert set(got[Col.ENCODER]) == {"toy"}
     assert set(got[Col.FINGERPRINT]) == {META["fingerprint"]}
+    read, _ = store.read_embeddings("toy")
+    assert {c: set(read.column(c).to_pylist()) for c in (Col.ENCODER, Col.COHORT, Col.SLIDE_ID)} == {
+        Col.ENCODER: {"toy"},
+        Col.COHORT: {"c1"},
+        Col.SLIDE_ID: {"S1"},
+    }
     emb = np.stack(got[Col.EMBEDDING].to_numpy())
     ordered = tiles.take(pa.array(np.argsort(tiles.column(Col.TILE_ID).to_pylist())))
     np.testing.assert_array_equal(emb, embed(ordered))
-
-
-def test_plain_duckdb_and_pandas_read_without_embedstore(store):
-    write_slide(store, "S1", 20)
-    write_slide(store, "S2", 10, cohort="c2")
-    glob = str(store.root / "embeddings" / "**" / "*.parquet")
-    con = duckdb.connect()
-    rows = con.execute(
-        f"SELECT cohort, slide_id, count(*), any_value(len(embedding)) FROM read_parquet('{glob}') GROUP BY ALL ORDER BY 1"
-    ).fetchall()
-    assert rows == [("c1", "S1", 20, DIM), ("c2", "S2", 10, DIM)]
-    df = pd.read_parquet(store.root / "embeddings/encoder=toy/cohort=c1/slide_id=S1/tiles.parquet")
-    assert len(df) == 20
-    assert len(df[Col.EMBEDDING].iloc[0]) == DIM
 
 
 def test_no_temporary_or_partial_file_is_visible(store):
@@ -374,7 +365,9 @@ def read_only_dir(tmp_path):
         yield ro_dir
         ro_dir.chmod(0o700)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro_dir)], capture_output=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro_dir)], capture_output=True, check=False
+    )
     assert mounted.returncode == 0, mounted.stderr
     yield ro_dir
     subprocess.run(["umount", "-l", str(ro_dir)], check=False)
@@ -404,3 +397,51 @@ def test_iter_embeddings_chunks_equal_the_bulk_read(store, monkeypatch):
     assert all(len(set(m.column(Col.SLIDE_ID).to_pylist())) == 1 for m, _ in chunks)
     np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), X)
     assert pa.concat_tables([c[0] for c in chunks]).equals(meta)
+
+
+def _pages(path: Path, md: pq.FileMetaData, rg: int) -> int:
+    """Data pages in the embedding column chunk of row group ``rg``, counted from the page headers."""
+    leaf = next(i for i in range(md.num_columns) if md.schema.column(i).path.startswith(Col.EMBEDDING))
+    cc = md.row_group(rg).column(leaf)
+    off, end, n = cc.data_page_offset, cc.data_page_offset + cc.total_compressed_size, 0
+    with path.open("rb") as f:
+        while off < end:
+            header, size = _page_header(f.fileno(), off)
+            off += size + header[3]
+            n += 1
+    return n
+
+
+def test_fast_read_over_many_pages_and_row_groups_equals_pyarrow(store, monkeypatch):
+    import embedstore.store._files as files_module
+    import embedstore.store._store as store_module
+    import embedstore.store._writer as writer_module
+
+    monkeypatch.setattr(writer_module, "row_group_rows", lambda dim: 160)
+    monkeypatch.setattr(files_module, "DATA_PAGE_SIZE", 512)
+    for slide, n, cohort in (("S1", 450, "c1"), ("S2", 333, "c2"), ("S3", 90, "c1")):
+        write_slide(store, slide, n, cohort=cohort, batch=64)
+    paths = {p.parent.name.split("=")[1]: p for p in store.root.glob("embeddings/*/*/*/tiles.parquet")}
+    md = pq.read_metadata(paths["S1"])
+    assert md.num_row_groups == 3
+    assert all(_pages(paths["S1"], md, rg) >= 3 for rg in range(3))
+
+    def boom(*args):
+        msg = "read_embeddings left the fast path"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(store_module, "vectors_from_arrow", boom)
+    for slide_ids, cohort in ((None, None), (["S2", "S1"], None), (["S3"], None), (None, "c1")):
+        meta, X = store.read_embeddings("toy", cohort=cohort, slide_ids=slide_ids)
+        # Without slide ids, files come in path order: cohort, then slide.
+        by_path = sorted(paths, key=lambda s: paths[s])
+        order = slide_ids or [s for s in by_path if cohort in (None, paths[s].parent.parent.name.split("=")[1])]
+        generic = [pq.read_table(paths[s], columns=[Col.TILE_ID, Col.EMBEDDING]) for s in order]
+        want = np.concatenate(
+            [t.column(Col.EMBEDDING).combine_chunks().flatten().to_numpy().reshape(-1, DIM) for t in generic]
+        )
+        np.testing.assert_array_equal(X, want)
+        assert meta.column(Col.SLIDE_ID).to_pylist() == [
+            s for s, t in zip(order, generic, strict=True) for _ in range(t.num_rows)
+        ]
+        assert meta.column(Col.TILE_ID).to_pylist() == [i for t in generic for i in t.column(0).to_pylist()]

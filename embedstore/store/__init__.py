@@ -9,6 +9,10 @@ Layout of a store folder::
     _sources/...   where each slide was embedded from, for `embedstore check --repair`
     _quarantine/.. damaged or foreign files moved aside (never deleted)
     _locks/...     flock files, one per slide and encoder
+
+The folders carry the partition keys (encoder, cohort, slide_id); the files hold the other
+columns, so pyarrow, pandas, polars, DuckDB and Spark read ``embeddings/``, ``spots/`` and
+``expression/`` with no options. See ``_layout.py``.
 """
 
 from __future__ import annotations

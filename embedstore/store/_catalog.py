@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from embedstore._schema import Col, embedding_schema, expression_schema, spots_schema
 from embedstore.errors import BadInput
 from embedstore.store._integrity import inspect_slide_file, inspect_table_file, repair_hint
+from embedstore.store._layout import EMBEDDING_KEYS, SECTION_KEYS
 
 LOG = logging.getLogger(__name__)
 
@@ -177,10 +178,19 @@ def _guarded(source: str, info: dict[str, Any], view: str) -> str:
     )
 
 
-def _tables(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str]]:
-    """List the store's files: (encoder infos, Arrow sources by name, view SQL by name)."""
+def _dataset(files: list[str], base: Path, schema: pa.Schema, keys: tuple[str, ...]) -> Any:
+    """Arrow dataset over store files below ``base``, its partition keys taken from their folders.
+
+    A key a layout-1 file also holds inside reads from the path all the same.
+    """
     import pyarrow.dataset as ds
 
+    partitioning = ds.HivePartitioning(pa.schema([(k, pa.string()) for k in keys]), segment_encoding="none")
+    return ds.dataset(files, format="parquet", schema=schema, partitioning=partitioning, partition_base_dir=str(base))
+
+
+def _tables(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str]]:
+    """List the store's files: (encoder infos, Arrow sources by name, view SQL by name)."""
     infos = encoder_info(root)
     sources: dict[str, Any] = {}
     views: dict[str, str] = {}
@@ -190,7 +200,8 @@ def _tables(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str,
         source = f"_src_embeddings_{k}"
         folder = root / "embeddings" / f"encoder={info['encoder']}"
         files = sorted(str(f) for f in folder.glob("cohort=*/slide_id=*/*.parquet"))
-        sources[source] = ds.dataset(files, format="parquet")
+        schema = embedding_schema(info["dim"]).remove_metadata()
+        sources[source] = _dataset(files, root / "embeddings", schema, EMBEDDING_KEYS)
         tiles.append(f"SELECT * EXCLUDE ({Col.EMBEDDING}) FROM {source}")
         if names.count(view) > 1:
             # Two folders such as encoder=test-vit and encoder=test_vit: no view guesses which.
@@ -234,7 +245,7 @@ def _tables(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str,
         files = [str(p) for p in paths]
         schema = spots_schema() if name == "spots" else _expression_schema(footers)
         # An explicit schema fills columns an older file lacks with NULL (DuckDB's union_by_name).
-        sources[f"_src_{name}"] = ds.dataset(files, format="parquet", schema=schema) if files else schema.empty_table()
+        sources[f"_src_{name}"] = _dataset(files, root / name, schema, SECTION_KEYS) if files else schema.empty_table()
         views[name] = f"SELECT * FROM _src_{name}"
     return infos, sources, views
 

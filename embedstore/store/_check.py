@@ -16,11 +16,13 @@ from embedstore.errors import BadInput, DamagedFile
 from embedstore.store import _expression
 from embedstore.store._integrity import (
     QUARANTINE,
+    file_version,
     inspect_slide_file,
     repair_hint,
     verify_slide_file,
     verify_table_file,
 )
+from embedstore.store._layout import OLD_LAYOUT
 from embedstore.store._writer import SLIDE_FILE
 
 LOG = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ def verify_store(store: Any) -> StoreCheck:
     problems: list[Problem] = []
     notes: list[str] = []
     n_files = 0
+    old_layout = 0
     kinds: dict[str, set[str]] = {}
     for slide in sorted((root / "embeddings").glob("encoder=*/cohort=*/slide_id=*")):
         encoder, cohort, slide_id = _value(slide.parent.parent), _value(slide.parent), _value(slide)
@@ -91,6 +94,7 @@ def verify_store(store: Any) -> StoreCheck:
                 problems.append(Problem(path, what, "slide", encoder, cohort, slide_id))
                 continue
             kinds.setdefault(encoder, set()).add(f"fingerprint {info.fingerprint}, {describe_geometry(info.geometry)}")
+            old_layout += info.version == OLD_LAYOUT
     for encoder, seen in kinds.items():
         if len(seen) > 1:  # legitimate per cohort, but read_embeddings across them refuses
             notes.append(
@@ -125,11 +129,17 @@ def verify_store(store: Any) -> StoreCheck:
                 continue
             n_files += 1
             try:
-                verify_table_file(path, kind, fix)
+                old_layout += file_version(verify_table_file(path, kind, fix)) == OLD_LAYOUT
             except (DamagedFile, BadInput) as e:
                 what = e.problem if isinstance(e, DamagedFile) else str(e).split(": ", 1)[-1]
                 problems.append(Problem(path, what, "section", None, cohort, slide_id))
 
+    if old_layout:
+        notes.append(
+            f"{root}: {old_layout} file(s) of store layout {OLD_LAYOUT} hold cohort, slide_id (and encoder) inside "
+            "as well as in their folder names; embedstore reads them, but pandas rejects those folders "
+            "(embed the slides into a new store to rewrite them)"
+        )
     held = [p for p in (root / QUARANTINE).rglob("*") if p.is_file()] if (root / QUARANTINE).is_dir() else []
     if held:
         notes.append(

@@ -1,6 +1,6 @@
 """Spots and measured expression of ST sections: long, sparse Parquet in, SciPy CSR out.
 
-Layout (one file each per section)::
+Layout (one file each per section; the folders carry cohort and slide_id)::
 
     STORE/spots/cohort=<c>/slide_id=<s>/spots.parquet            spot_id, x, y, patient, total_counts
     STORE/expression/cohort=<c>/slide_id=<s>/expression.parquet  spot_id, gene, count (nonzero only)
@@ -27,7 +27,8 @@ import scipy.sparse as sp
 from embedstore._schema import META_GENES, Col, expression_schema, spots_schema
 from embedstore.errors import BadInput, DamagedFile
 from embedstore.store._files import write_parquet_atomic
-from embedstore.store._integrity import READ_ERRORS, first_line, inspect_table_file, repair_hint
+from embedstore.store._integrity import READ_ERRORS, first_line, inspect_table_file, read_all, repair_hint
+from embedstore.store._layout import file_schema
 
 LOG = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def spot_tables(
     genes: Sequence[str],
     patient: str | Sequence[str | None] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
-    """Build the spots table and the long expression table of one section (no I/O)."""
+    """Build the spots table and the long expression table of one section as stored (no I/O)."""
     where = f"{cohort}/{slide_id}"
     spot_ids = [str(s) for s in spot_ids]
     genes = [str(g) for g in genes]
@@ -80,26 +81,21 @@ def spot_tables(
         patients = pa.array([None if p is None else str(p) for p in patient], pa.string())
     spots = pa.table(
         {
-            Col.COHORT: pa.array([cohort] * n, pa.string()),
-            Col.SLIDE_ID: pa.array([slide_id] * n, pa.string()),
             Col.SPOT_ID: pa.array(spot_ids, pa.string()),
             Col.X: xy[:, 0],
             Col.Y: xy[:, 1],
             Col.PATIENT: patients,
             Col.TOTAL_COUNTS: np.asarray(m.sum(axis=1)).ravel().astype(np.float64),
         },
-        schema=spots_schema(),
+        schema=file_schema(spots_schema()),
     )
     integral = bool(np.all(np.mod(m.data, 1) == 0)) and (m.nnz == 0 or m.data.max() < 2**31)
     count_type = pa.int32() if integral else pa.float32()
     rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(m.indptr))
-    schema = expression_schema(count_type).with_metadata(
-        {**expression_schema().metadata, META_GENES.encode(): json.dumps(genes).encode()}
-    )
+    schema = file_schema(expression_schema(count_type))
+    schema = schema.with_metadata({**schema.metadata, META_GENES.encode(): json.dumps(genes).encode()})
     expr = pa.table(
         {
-            Col.COHORT: pa.array([cohort], pa.string()).take(np.zeros(m.nnz, np.int32)),
-            Col.SLIDE_ID: pa.array([slide_id], pa.string()).take(np.zeros(m.nnz, np.int32)),
             Col.SPOT_ID: pa.array(spot_ids, pa.string()).take(rows),
             Col.GENE: pa.array(genes, pa.string()).take(m.indices.astype(np.int32)),
             Col.COUNT: pa.array(m.data.astype(count_type.to_pandas_dtype())),
@@ -155,10 +151,8 @@ def read_sections(
         inspect_table_file(spots_path, "spots", fix)
         meta = inspect_table_file(expr_path, "expression", fix).metadata or {}
         section_genes = json.loads(meta[META_GENES.encode()])
-        path = spots_path
+        obs_parts.append(read_all(spots_path, fix, spots_schema().names))
         try:
-            obs_parts.append(pq.read_table(spots_path, partitioning=None, page_checksum_verification=True))
-            path = expr_path
             table = pq.read_table(
                 expr_path,
                 columns=[Col.SPOT_ID, Col.GENE, Col.COUNT],
@@ -167,7 +161,7 @@ def read_sections(
                 page_checksum_verification=True,
             )
         except READ_ERRORS as e:
-            raise DamagedFile(path, f"unreadable data ({first_line(e)})", fix) from e
+            raise DamagedFile(expr_path, f"unreadable data ({first_line(e)})", fix) from e
         exprs.append((table, section_genes))
 
     if genes is None:

@@ -31,7 +31,6 @@ from embedstore._schema import (
     META_SCHEMA_VERSION,
     META_SOURCE,
     RESAMPLE,
-    SCHEMA_VERSION,
     Col,
     describe_geometry,
     embedding_schema,
@@ -40,6 +39,15 @@ from embedstore._schema import (
     spots_schema,
 )
 from embedstore.errors import BadInput, DamagedFile
+from embedstore.store._layout import (
+    EMBEDDING_KEYS,
+    KEYS,
+    LAYOUT_VERSION,
+    READABLE_VERSIONS,
+    file_schema,
+    stored_columns,
+    with_keys,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -70,6 +78,7 @@ class SlideFile:
     geometry: dict[str, Any]  # embedstore._schema.geometry()
     n_tiles: int | None  # tiles of the slide recorded at commit; None in files of older embedstore
     source: dict[str, Any] | None  # provenance recorded at commit (see embedding.embed)
+    version: str  # store layout (embedstore.schema_version) the file was written in
 
     @property
     def fingerprint(self) -> str:
@@ -110,14 +119,23 @@ def _json(path: Path, kv: dict[str, str], key: str, fix: str) -> Any:
         raise DamagedFile(path, f"metadata {key} is not valid JSON", fix) from e
 
 
-def _version(path: Path, kv: dict[str, str], what: str, fix: str) -> None:
+def _version(path: Path, kv: dict[str, str], what: str, fix: str) -> str:
     version = kv.get(META_SCHEMA_VERSION)
     if version is None:
         raise DamagedFile(path, f"not {what} written by embedstore (no {META_SCHEMA_VERSION} metadata)", fix)
-    if version != SCHEMA_VERSION:
-        # Not damage: a newer (or older) embedstore wrote it. Moving it aside would lose it.
-        msg = f"{path}: embedstore schema version {version}, this embedstore reads {SCHEMA_VERSION}; re-embed or upgrade embedstore"
+    if version not in READABLE_VERSIONS:
+        # Not damage: a newer embedstore wrote it. Moving it aside would lose it.
+        msg = (
+            f"{path}: embedstore schema version {version}, this embedstore reads {' and '.join(READABLE_VERSIONS)}; "
+            "re-embed or upgrade embedstore"
+        )
         raise BadInput(msg)
+    return version
+
+
+def file_version(md: pq.FileMetaData) -> str:
+    """The store layout version recorded in a file's footer (empty when none)."""
+    return _kv(md).get(META_SCHEMA_VERSION, "")
 
 
 def _column_values(path: Path, md: pq.FileMetaData, name: str) -> set[Any] | None:
@@ -188,12 +206,12 @@ def inspect_slide_file(path: Path, fix: str, part: bool = False) -> SlideFile:
     """
     md = read_footer(path, fix)
     kv = _kv(md)
-    _version(path, kv, "an embedding file", fix)
+    version = _version(path, kv, "an embedding file", fix)
     try:
         schema = md.schema.to_arrow_schema()
     except READ_ERRORS as e:
         raise DamagedFile(path, f"schema cannot be read ({first_line(e)})", fix) from e
-    missing = [n for n in embedding_schema(1).names if n not in schema.names]
+    missing = [n for n in file_schema(embedding_schema(1)).names if n not in schema.names]
     if missing:
         raise DamagedFile(path, f"not an embedding file (lacks columns {', '.join(missing)})", fix)
     etype = schema.field(Col.EMBEDDING).type
@@ -212,7 +230,7 @@ def inspect_slide_file(path: Path, fix: str, part: bool = False) -> SlideFile:
         raise DamagedFile(path, f"holds {md.num_rows} rows, but the slide has {n_tiles} tiles", fix)
     source = _json(path, kv, META_SOURCE, fix)
     geom = _geometry(path, md, kv, fix)
-    return SlideFile(Path(path), md, encoder, geom, n_tiles, source if isinstance(source, dict) else None)
+    return SlideFile(Path(path), md, encoder, geom, n_tiles, source if isinstance(source, dict) else None, version)
 
 
 def inspect_table_file(path: Path, kind: str, fix: str) -> pq.FileMetaData:
@@ -220,7 +238,7 @@ def inspect_table_file(path: Path, kind: str, fix: str) -> pq.FileMetaData:
     md = read_footer(path, fix)
     kv = _kv(md)
     _version(path, kv, f"a {kind} file", fix)
-    expected = spots_schema() if kind == "spots" else expression_schema()
+    expected = file_schema(spots_schema() if kind == "spots" else expression_schema())
     missing = [n for n in expected.names if n not in md.schema.names]
     if missing:
         raise DamagedFile(path, f"not a {kind} file (lacks columns {', '.join(missing)})", fix)
@@ -230,20 +248,41 @@ def inspect_table_file(path: Path, kind: str, fix: str) -> pq.FileMetaData:
 
 
 def read_all(path: Path, fix: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a file completely, verifying every page's CRC where the writer stored one."""
+    """Read a store file, verifying every page's CRC where the writer stored one.
+
+    ``columns`` may name partition keys, which come from the path (:mod:`._layout`). By
+    default every column stored in the file but partition keys (a layout-1 file's included).
+    """
     try:
-        return pq.read_table(path, columns=columns, partitioning=None, page_checksum_verification=True)
+        table = pq.read_table(
+            path,
+            columns=None if columns is None else stored_columns(columns),
+            partitioning=None,
+            page_checksum_verification=True,
+        )
     except READ_ERRORS as e:
         raise DamagedFile(path, f"unreadable data ({first_line(e)})", fix) from e
+    if columns is None:
+        return table.drop_columns([c for c in table.column_names if c in KEYS])
+    return with_keys(table, path, columns)
 
 
 def verify_slide_file(path: Path, fix: str, encoder: str, cohort: str, slide_id: str) -> SlideFile:
     """Full validation of a slide file: :func:`inspect_slide_file`, then every page and every row.
 
-    Rows must belong to the folder's encoder, cohort and slide, carry the file's fingerprint
-    and geometry, have unique tile ids and finite vectors.
+    Rows must carry the file's fingerprint and geometry, have unique tile ids and finite
+    vectors. A layout-1 file's own encoder, cohort and slide_id columns must match its folders;
+    a file of the current layout must not hold them (folder readers reject the clash).
     """
     info = inspect_slide_file(path, fix)
+    inside = [k for k in EMBEDDING_KEYS if k in info.metadata.schema.to_arrow_schema().names]
+    if inside and info.version == LAYOUT_VERSION:
+        problem = (
+            f"holds partition key columns ({', '.join(inside)}) its folders already name; pandas rejects the folder"
+        )
+        raise DamagedFile(path, problem, fix)
+    folders = {Col.ENCODER: encoder, Col.COHORT: cohort, Col.SLIDE_ID: slide_id}
+    expected = [(k, folders[k]) for k in inside] + [(Col.FINGERPRINT, info.fingerprint)]
     handle = pq.ParquetFile(path, page_checksum_verification=True)
     seen: set[str] = set()
     for rg in range(info.metadata.num_row_groups):
@@ -251,10 +290,7 @@ def verify_slide_file(path: Path, fix: str, encoder: str, cohort: str, slide_id:
             t = handle.read_row_group(rg)
         except READ_ERRORS as e:
             raise DamagedFile(path, f"unreadable data in row group {rg} ({first_line(e)})", fix) from e
-        for col, want in (
-            (Col.ENCODER, encoder), (Col.COHORT, cohort), (Col.SLIDE_ID, slide_id),
-            (Col.FINGERPRINT, info.fingerprint),
-        ):  # fmt: skip
+        for col, want in expected:
             values = set(pc.unique(t.column(col)).to_pylist())
             if values != {want}:
                 shown = ", ".join(sorted(map(str, values - {want})))[:80]
@@ -270,10 +306,11 @@ def verify_slide_file(path: Path, fix: str, encoder: str, cohort: str, slide_id:
     return info
 
 
-def verify_table_file(path: Path, kind: str, fix: str) -> None:
-    """Full validation of a spots or expression file: footer, schema, every page."""
-    inspect_table_file(path, kind, fix)
+def verify_table_file(path: Path, kind: str, fix: str) -> pq.FileMetaData:
+    """Full validation of a spots or expression file: footer, schema, every page. Returns the footer."""
+    md = inspect_table_file(path, kind, fix)
     read_all(path, fix)
+    return md
 
 
 def quarantine(root: Path, path: Path) -> Path:

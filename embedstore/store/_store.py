@@ -42,6 +42,7 @@ from embedstore.store._integrity import (
     read_all,
     repair_hint,
 )
+from embedstore.store._layout import stored_columns, with_keys
 from embedstore.store._writer import SLIDE_FILE, SOURCES, SlideWriter, slide_dir, source_file
 
 LOG = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ class Store:
                         read_vectors_into(path, md, Col.EMBEDDING, out, row_groups=[rg])
                     except NotPlain:  # written by another tool (or damaged pages): let pyarrow decode it
                         out = vectors_from_arrow(handle.read_row_group(rg, columns=[Col.EMBEDDING]).column(0), dim)
-                    meta = handle.read_row_group(rg, columns=cols)
+                    meta = with_keys(handle.read_row_group(rg, columns=stored_columns(cols)), path, cols)
                 yield meta, out
 
     @contextlib.contextmanager

@@ -29,6 +29,7 @@ from embedstore._schema import geometry as make_geometry
 from embedstore.errors import BadInput, DamagedFile, FingerprintMismatch, GeometryMismatch
 from embedstore.store._files import check_name, fsync_dir, row_group_rows, write_options, write_parquet_atomic
 from embedstore.store._integrity import SlideFile, inspect_slide_file, quarantine, read_all, repair_hint
+from embedstore.store._layout import KEYS, file_schema
 
 LOG = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ class SlideWriter:
         return ([self.final] if self.final.is_file() else []) + self._parts()
 
     def _schema(self, dim: int, n_tiles: int | None) -> pa.Schema:
-        """The embedding schema with every metadata key this writer records."""
-        schema = embedding_schema(dim, self.meta)
+        """The embedding schema as stored (no partition keys) with every metadata key this writer records."""
+        schema = file_schema(embedding_schema(dim, self.meta))
         extra = {META_GEOMETRY: json.dumps(self.geometry, sort_keys=True)}
         if n_tiles is not None:
             extra[META_N_TILES] = str(int(n_tiles))
@@ -205,13 +206,14 @@ class SlideWriter:
             raise GeometryMismatch(msg)
         self._dim = emb.shape[1]
         n = tiles.num_rows
-        cols: dict[str, Any] = {Col.COHORT: pa.array([self.cohort] * n, pa.string())}
+        cols: dict[str, Any] = {}
         for f in tile_schema():
+            if f.name in KEYS:
+                continue
             if f.name in tiles.column_names:
                 cols[f.name] = tiles.column(f.name).cast(f.type)
             else:
                 cols[f.name] = pa.array([False] * n, pa.bool_())
-        cols[Col.ENCODER] = pa.array([self.encoder] * n, pa.string())
         cols[Col.FINGERPRINT] = pa.array([self.meta["fingerprint"]] * n, pa.string())
         cols[Col.EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
         schema = self._schema(emb.shape[1], self.n_tiles)
