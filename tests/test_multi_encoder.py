@@ -5,21 +5,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import embedstore as es
 from embedstore._schema import META_ENCODER, Col, tile_schema
 from embedstore.embedding import embed
 from embedstore.errors import BadInput
 from embedstore.store import open_store
 from embedstore.testing import make_synthetic_cohort
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 # builtin 128-d, efficientnet-lite0 1280-d (real weights), and two 64-d encoders of different fingerprints.
 ENCODERS = {"builtin": 128, "efficientnet-lite0": 1280, "test-vit": 64, "test-virchow": 64}
 
@@ -125,53 +122,6 @@ def test_one_encoder_folder_with_two_fingerprints_errors_when_vectors_are_read(s
     ) as info:
         s.sql("SELECT tile_id, embedding FROM embeddings_builtin", output="arrow")
     one_line(info)
-
-
-def readme_sql() -> tuple[list[str], list[str]]:
-    """The README's SQL examples (one statement each) and the Python lines of its export example."""
-    text = README.read_text()
-    block = text[text.index("```sql", text.index("SQL views:")) + 6 :]
-    block = block[: block.index("```")]
-    python = [ln.removeprefix("--").strip() for ln in block.splitlines() if re.match(r"--\s+\w+ = ", ln)]
-    sql = "\n".join(ln for ln in block.splitlines() if not ln.lstrip().startswith("--"))
-    return [q.strip() for q in sql.split(";") if q.strip()], python
-
-
-def localise(query: str, store) -> str:
-    """The README names her2st's slide C2, spot 10x14 and gene ERBB2; use the synthetic ones."""
-    spot = store.sql("SELECT spot_id FROM embeddings_builtin WHERE slide_id = 'A1' ORDER BY spot_id LIMIT 1")
-    return (
-        query.replace("'C2'", "'A1'")
-        .replace("'10x14'", f"'{spot.spot_id.iloc[0]}'")
-        .replace("'her2st'", "'cohort'")
-        .replace("'ERBB2'", "'GENE001'")
-    )
-
-
-def test_every_readme_query_works_on_a_multi_encoder_store(store, store_dir, monkeypatch):
-    queries, python = readme_sql()
-    assert len(queries) == 5
-    assert len(python) == 2
-    for query in queries:
-        df = store.sql(localise(query, store))
-        assert len(df) > 0, query
-    # Query 3 ranks the query tile itself first, with similarity 1.
-    nearest = store.sql(localise(queries[2], store))
-    assert nearest.sim.iloc[0] == pytest.approx(1.0, abs=1e-5)
-    # The export example gives one (N, 128) matrix equal to the fast path.
-    monkeypatch.chdir(store_dir.parent)
-    scope = {"es": es}
-    for line in python:
-        exec(localise(line, store), scope)  # the README's own lines
-    meta, want = store.read_embeddings("builtin", slide_ids=["A1"])
-    order = {t: i for i, t in enumerate(meta.column(Col.TILE_ID).to_pylist())}
-    got = scope["X"]
-    assert got.shape == want.shape == (meta.num_rows, 128)
-    rows = [order[t] for t in scope["t"].column(Col.TILE_ID).to_pylist()]
-    np.testing.assert_array_equal(got, want[rows])
-    # The README's Python query over `slides` counts every encoder's tiles.
-    counts = es.sql(store_dir, "SELECT encoder, cohort, sum(n_tiles) AS n_tiles FROM slides GROUP BY ALL")
-    assert set(counts.encoder) == set(ENCODERS)
 
 
 def test_encoders_sharing_an_sql_name_get_no_view_and_are_named(store_dir, tmp_path):
