@@ -10,7 +10,7 @@ import pytest
 
 from embedstore import _report_plots
 from embedstore.evaluation import evaluate
-from embedstore.report import gene_set_size
+from embedstore.scoring import gene_set_size
 from embedstore.testing import make_synthetic_cohort
 
 
@@ -28,19 +28,19 @@ def cross_validated(tmp_path_factory):
         base / "cohort", n_slides=3, n_patients=3, n_spots=40, n_genes=70, seed=0, width=1200, height=1200, mpp=1.0
     )
     texts: list[str] = []
-    save_png = _report_plots.save_png
+    figure_bytes = _report_plots.figure_bytes
 
-    def recording_save_png(fig, path):
+    def recording_figure_bytes(fig, fmt="png"):
         # What the figures say: titles, tick labels and any figure text, read off the figure drawn.
         texts.append(fig._suptitle.get_text() if fig._suptitle else "")
         for ax in fig.axes:
             texts.append(ax.get_title())
             texts.extend(t.get_text() for t in ax.get_xticklabels())
         texts.extend(t.get_text() for t in fig.texts)
-        return save_png(fig, path)
+        return figure_bytes(fig, fmt)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(_report_plots, "save_png", recording_save_png)
+    mp.setattr(_report_plots, "figure_bytes", recording_figure_bytes)
     try:
         result = evaluate(cohort.root, base / "out", methods=("ridge", "knn-raw"), k=5, n_genes=20, workers=0)
     finally:

@@ -1,9 +1,13 @@
-"""Scoring and report: numbers recomputed independently (SciPy on h5ad files read back), figures checked."""
+"""Scoring and report: numbers recomputed independently (SciPy on h5ad files read back), the page parsed back."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
+import shutil
+from html.parser import HTMLParser
 
 import anndata as ad
 import numpy as np
@@ -14,7 +18,8 @@ from PIL import Image
 from scipy.stats import pearsonr, spearmanr
 
 from embedstore.errors import BadInput
-from embedstore.report import format_table, metrics_table, plot_prediction_maps, score_predictions, write_report
+from embedstore.report import format_table, plot_prediction_maps, write_report
+from embedstore.scoring import metrics_table, score_predictions
 
 GENES = [f"G{i}" for i in range(8)]
 SLIDES = {"A": 30, "B": 24, "C": 18}  # unequal sizes: the overall mean must weight slides, not spots
@@ -57,13 +62,17 @@ def _prediction(truth: ad.AnnData, noise: float, seed: int, drop_gene: str | Non
     return p
 
 
-@pytest.fixture
-def data():
+def _data() -> tuple[ad.AnnData, dict[str, ad.AnnData]]:
     truth = _truth()
     good = _prediction(truth, 0.5, 1)
     bad = _prediction(truth, 3.0, 2, drop_gene="G7")
     bad.X[:, bad.var_names.get_loc("G1")] = 2.0  # constant prediction: undefined on every slide
     return truth, {"good": good, "bad": bad}
+
+
+@pytest.fixture
+def data():
+    return _data()
 
 
 GENE_SETS = {"panel": ["G0", "G1", "G2", "G3", "G7"], "rest": ["G4", "G5", "G6", "NOT_A_GENE"]}
@@ -237,11 +246,12 @@ def test_tables(data):
     assert "bad / panel: 4 undefined gene-slide correlations excluded, 1 genes missing" in text
 
 
-def _nontrivial_png(path) -> None:
-    arr = np.asarray(Image.open(path).convert("RGB"))
+def _nontrivial_image(source) -> None:
+    arr = np.asarray(Image.open(source).convert("RGB"))
     assert arr.shape[0] > 100
     assert arr.shape[1] > 100
-    assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 20
+    rgb = arr.reshape(-1, 3).astype(np.uint32)
+    assert len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2])) > 20  # distinct colours
 
 
 def _thumbnail() -> Image.Image:
@@ -250,30 +260,118 @@ def _thumbnail() -> Image.Image:
     return Image.fromarray(rgb)
 
 
-def test_write_report(data, tmp_path):
-    truth, preds = data
+class _Page(HTMLParser):
+    """Every start tag with its attributes, and the text of the page, as a browser would read them."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def images(self) -> list[str]:
+        return [a["src"] for t, a in self.tags if t == "img"]
+
+    def meta(self, name: str) -> str | None:
+        return next((a["content"] for t, a in self.tags if t == "meta" and a.get("name") == name), None)
+
+
+def _image_of(uri: str) -> io.BytesIO:
+    """The bytes of an embedded figure: PNG for line art, JPEG for maps over the H&E."""
+    head, _, payload = uri.partition(",")
+    assert head in {"data:image/png;base64", "data:image/jpeg;base64"}
+    return io.BytesIO(base64.b64decode(payload, validate=True))
+
+
+NOTES = ["Section-level folds: one patient.", "The aligned methods did not beat raw kNN <here>."]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A report of two methods, with maps of two slides (A over its thumbnail, B without one)."""
+    truth, preds = _data()
     metrics = score_predictions(preds, truth, GENE_SETS)
-    thumbs = {"A": (_thumbnail(), SCALE)}  # B has none: drawn without H&E
-    notes = ["Section-level folds: one patient.", "The aligned methods did not beat raw kNN <here>."]
-    path = write_report(tmp_path / "out", metrics, preds, truth, thumbs, "Test & report", notes=notes, max_map_slides=2)
-    assert path == tmp_path / "out" / "report.html"
+    out = tmp_path_factory.mktemp("report") / "out"
+    thumbs = {"A": (_thumbnail(), SCALE)}
+    path = write_report(out, metrics, preds, truth, thumbs, "Test & report", notes=NOTES, max_map_slides=2)
+    return path, metrics, preds, truth
+
+
+def test_write_report(report, tmp_path):
+    path, metrics, preds, truth = report
+    assert path.name == "report.html"
     text = path.read_text()
     assert "<title>Test &amp; report</title>" in text
     assert "did not beat raw kNN &lt;here&gt;." in text
     assert "<script" not in text
     assert re.search(r"<td><b>\d\.\d{3} ± \d\.\d{3}</b></td>", text)
-    srcs = re.findall(r"<img src='([^']+)'", text)
-    assert sorted(srcs) == ["figures/maps_A.png", "figures/maps_B.png", "figures/pearson_per_gene.png"]
-    for s in srcs:
-        _nontrivial_png(path.parent / s)
-    assert not list(path.parent.rglob(".*.tmp"))
+    page = _Page(text)
+    assert page.meta("embedstore.kind") == "report"
+    alts = [a["alt"] for t, a in page.tags if t == "img"]
+    assert alts == ["per-gene Pearson r", "maps of slide A", "maps of slide B"]
+    for src in page.images():
+        _nontrivial_image(_image_of(src))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]  # no figure files beside it
+    # A folder holding this page takes the next report: the page carries embedstore's stamp.
+    shutil.copy(path, tmp_path / "report.html")
+    again = write_report(tmp_path, metrics, preds, truth, None, "Again", max_map_slides=0)
+    assert "<title>Again</title>" in again.read_text()
+
+
+_LINKING_ATTRS = {"src", "href", "srcset", "poster", "data", "action", "background", "xlink:href", "formaction"}
+
+
+def test_report_is_one_self_contained_file(report, tmp_path):
+    alone = tmp_path / "inbox" / "report.html"  # as mailed: the page without the folder it was written in
+    alone.parent.mkdir()
+    shutil.copy(report[0], alone)
+    text = alone.read_text()
+    page = _Page(text)
+    links = [(t, k, v) for t, a in page.tags for k, v in a.items() if k in _LINKING_ATTRS]
+    external = [(t, k, v) for t, k, v in links if not (v or "").startswith(("data:", "#"))]
+    assert external == []
+    assert not [t for t, _ in page.tags if t in {"link", "script", "iframe", "object", "embed", "base"}]
+    assert not re.search(r"url\(|@import", text)  # the inline stylesheet pulls in nothing either
+    images = page.images()
+    assert len(images) == 3  # the distribution, then the maps of slides A and B
+    for src in images:
+        _nontrivial_image(_image_of(src))
+
+
+def test_report_escapes_every_value(data, tmp_path):
+    truth, preds = data
+    hostile = "<script>alert('x')</script>"
+    preds = {f"m{hostile}": preds["good"], "bad": preds["bad"]}
+    gene_sets = {f"set{hostile}": GENE_SETS["panel"], "rest": GENE_SETS["rest"]}
+    metrics = score_predictions(preds, truth, gene_sets)
+    run = "r1' onload='alert(1)"
+    note = f"note {hostile} & more"
+    path = write_report(
+        tmp_path / "out", metrics, preds, truth, None, f"title {hostile}", [note], run=run, max_map_slides=0
+    )
+    text = path.read_text()
+    page = _Page(text)
+    assert not [t for t, _ in page.tags if t == "script"]
+    assert "<script" not in text
+    shown = "".join(page.text)
+    for value in (note, f"title {hostile}", f"m{hostile}", f"set{hostile} (4 genes)"):
+        assert value in shown, value  # shown as text, not read as markup
+    assert page.meta("embedstore.run") == run
+    assert not [a for _, a in page.tags if "onload" in a]
 
 
 def test_plot_prediction_maps(data, tmp_path):
     _, preds = data
     one = preds["good"][preds["good"].obs["slide_id"] == "A"].copy()
     out = plot_prediction_maps(one, _thumbnail(), SCALE, ["G0", "G3", "G5"], tmp_path / "maps.png")
-    _nontrivial_png(out)
+    _nontrivial_image(out)
     with pytest.raises(BadInput, match="prediction: genes not predicted: NOPE"):
         plot_prediction_maps(one, _thumbnail(), SCALE, ["G0", "NOPE"], tmp_path / "x.png")
     with pytest.raises(BadInput, match="prediction: spots of several slides"):
