@@ -36,8 +36,9 @@ if not LOGGER.handlers:
     _handler = _StderrHandler()
     _handler.setFormatter(logging.Formatter("embedstore: %(message)s"))
     LOGGER.addHandler(_handler)
-    LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
+if LOGGER.level == logging.NOTSET:  # a level set before this import (``--quiet``) stays
+    LOGGER.setLevel(logging.INFO)
 
 
 def enabled() -> bool:

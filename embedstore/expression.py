@@ -159,6 +159,7 @@ def select_panel(
     method: str | Sequence[str] = "hvg",
     n: int = 250,
     *,
+    include: Sequence[str] = (),
     target_sum: float = 1e4,
     normalized: bool = False,
 ) -> Panel:
@@ -177,6 +178,9 @@ def select_panel(
         or a list of gene names (kept in the given order; all must be in ``data``).
     n
         Panel size for ``"hvg"`` and ``"mean"``.
+    include
+        Genes always in a ``"hvg"`` or ``"mean"`` panel: appended after the ``n`` chosen ones,
+        in the given order, those already chosen left out (all must be in ``data``).
     target_sum, normalized
         Normalisation before ranking; set ``normalized=True`` when ``data`` is already
         log-normalised.
@@ -188,11 +192,10 @@ def select_panel(
     X, names = _unpack(data, genes)
     if not isinstance(method, str):
         wanted = [str(g) for g in method]
-        missing = sorted(set(wanted) - set(names))
-        if missing:
-            msg = f"gene list: {len(missing)} genes not in the reference: {missing[:20]}; remove them or use another reference"
-            raise BadInput(msg)
+        _check_measured(wanted, names)
         return Panel(tuple(wanted), "list", {"n": len(wanted)})
+    extra = [str(g) for g in include]
+    _check_measured(extra, names)
     if method not in ("hvg", "mean"):
         msg = f"panel method {method!r}: unknown; use 'hvg', 'mean' or a list of genes"
         raise BadInput(msg)
@@ -213,7 +216,18 @@ def select_panel(
     params = {"n": int(n), "target_sum": float(target_sum), "n_spots": int(X.shape[0]), "normalized": normalized}
     if method == "hvg":
         params["score"] = "variance of log1p(normalised counts)"
-    return Panel(tuple(names[i] for i in order), method, params)
+    chosen = [names[i] for i in order]
+    if extra:
+        params["include"] = extra
+    return Panel(tuple(dict.fromkeys([*chosen, *extra])), method, params)
+
+
+def _check_measured(wanted: Sequence[str], names: Sequence[str]) -> None:
+    """Raise BadInput naming the ``wanted`` genes absent from the reference's ``names``."""
+    missing = sorted(set(wanted) - set(names))
+    if missing:
+        msg = f"gene list: {len(missing)} genes not in the reference: {missing[:20]}; remove them or use another reference"
+        raise BadInput(msg)
 
 
 def apply_panel(X: Any, genes: Sequence[str], panel: Panel | Sequence[str], missing: str = "error") -> np.ndarray:

@@ -23,7 +23,6 @@ from embedstore.errors import BadInput
 __all__ = ["PanelSpec", "Recipe", "add_recipe_dir", "list_recipes", "load_recipe"]
 
 
-
 def _shipped_recipe_dirs() -> list[Path]:
     """The recipes shipped with embedstore: the package data ``embedstore.indexes``.
 
@@ -42,13 +41,24 @@ _RECIPE_DIRS: list[Path] = _shipped_recipe_dirs() + [
 ]
 
 
+_PANEL_FIELDS = {"method": Choice("hvg", "mean", "list")}
+
+
 @dataclasses.dataclass(frozen=True)
 class PanelSpec:
-    """How the gene panel is chosen, on the reference only."""
+    """How the gene panel is chosen, on the reference only.
+
+    ``"hvg"`` and ``"mean"`` choose ``n_genes`` genes on the reference; ``genes`` are always
+    added after them (those not already chosen). ``"list"`` takes ``genes`` alone, in order.
+    """
 
     method: str = "hvg"  # "hvg" | "mean" | "list"
     n_genes: int = 250
     genes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_fields(PanelSpec, dataclasses.asdict(self), "PanelSpec", **_PANEL_FIELDS)
+        object.__setattr__(self, "genes", tuple(self.genes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +103,7 @@ class Recipe:
 
 # Fields whose name means something else in embedstore.PARAMS, or that need more than their type.
 _FIELDS: dict[type, dict[str, Any]] = {
-    PanelSpec: {"method": Choice("hvg", "mean", "list")},
+    PanelSpec: _PANEL_FIELDS,
     AggregatorSpec: {"name": Str()},
 }
 

@@ -85,6 +85,7 @@ def main() -> None:
 
     from embedstore.expression import Panel
     from embedstore.index import build_exemplar_index
+    from embedstore.index_folder import save_index
     from embedstore.prediction import predict, write_h5ad
     from embedstore.store import open_store
 
@@ -122,7 +123,7 @@ def main() -> None:
             encoder=meta, aggregator="softmax",
         )  # fmt: skip
         idx.manifest["k"] = args.k
-        idx.save(Path(tmp) / "index")
+        save_index(idx, Path(tmp) / "index")
         store = open_store(Path(tmp) / "store")
         # Peak memory of one prediction alone, in a fresh process. VmHWM, not ru_maxrss: Linux
         # carries ru_maxrss across exec, so a child would report this (large) parent's peak.

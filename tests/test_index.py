@@ -16,10 +16,10 @@ from embedstore.index import (
     build_exemplar_index,
     default_factory,
     l2_normalize,
-    load_index,
     search,
     set_search_params,
 )
+from embedstore.index_folder import load_index, save_index
 from embedstore.testing import seeded_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,7 +140,7 @@ def saved(tmp_path_factory):
     aligner = fit(img, expr, slides, cfg, seed=0)
     idx = build_exemplar_index(img, expr, panel, **_ids(240, slides), aligner=aligner, aggregator="softmax")
     idx.fit_learned_aggregator(img, k=8, cfg=LearnedAggregatorConfig(hidden=16, max_epochs=2), seed=0)
-    path = idx.save(tmp_path_factory.mktemp("ix") / "index")
+    path = save_index(idx, tmp_path_factory.mktemp("ix") / "index")
     return idx, path, img, slides
 
 
@@ -206,4 +206,4 @@ def test_corrupted_or_foreign_files_give_bad_input(saved, tmp_path):
     with pytest.raises(BadInput, match=r"bad/manifest\.json: missing"):
         load_index(bad)
     with pytest.raises(BadInput, match="already exists; pass overwrite=True"):
-        saved[0].save(path)
+        save_index(saved[0], path)

@@ -22,7 +22,8 @@ import pytest
 from embedstore._schema import geometry
 from embedstore.errors import BadInput, GeometryMismatch
 from embedstore.expression import Panel
-from embedstore.index import build_exemplar_index, load_index
+from embedstore.index import build_exemplar_index
+from embedstore.index_folder import load_index, save_index
 
 CLI = [sys.executable, "-m", "embedstore"]
 N, D, G = 90, 16, 6
@@ -72,7 +73,7 @@ def learned_dir(tmp_path_factory):
         idx, _ = _index(learned=True)
     finally:
         torch.set_num_threads(threads)
-    return idx.save(tmp_path_factory.mktemp("learned") / "idx")
+    return save_index(idx, tmp_path_factory.mktemp("learned") / "idx")
 
 
 def _copy_with_manifest(src, dst, edit):
@@ -217,7 +218,7 @@ def store(synthetic_cohort, synthetic_slide_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store_index(store, tmp_path_factory):
-    from embedstore.reference import build_index
+    from embedstore.build import build_index
 
     recipe = tmp_path_factory.mktemp("recipe") / "geom.toml"
     recipe.write_text(
@@ -263,7 +264,7 @@ def test_predict_with_learned_by_name(store, store_index, tmp_path):
 
 
 def test_predict_learned_by_name_on_an_index_without_one(store, tmp_path):
-    from embedstore.reference import build_index
+    from embedstore.build import build_index
 
     recipe = tmp_path / "mean.toml"
     recipe.write_text(
@@ -292,10 +293,19 @@ def aligned_dir(tmp_path_factory):
     emb, expr, slides = _arrays()
     panel = Panel(tuple(f"g{i}" for i in range(G)), "list")
     meta = {"name": "builtin", "fingerprint": "f" * 16, "geometry": GEOM_A}
-    cfg = AlignerConfig(proj_dim=8, max_epochs=2, genes=panel.genes, encoder_name="builtin", encoder_fingerprint="f" * 16, geometry=GEOM_A)
+    cfg = AlignerConfig(
+        proj_dim=8,
+        max_epochs=2,
+        genes=panel.genes,
+        encoder_name="builtin",
+        encoder_fingerprint="f" * 16,
+        geometry=GEOM_A,
+    )
     model = fit(emb, expr, slides, cfg, 0)
-    idx = build_exemplar_index(emb, expr, panel, slides, [str(i) for i in range(N)], aligner=model, factory="Flat", encoder=meta)
-    return idx.save(tmp_path_factory.mktemp("aligned") / "idx")
+    idx = build_exemplar_index(
+        emb, expr, panel, slides, [str(i) for i in range(N)], aligner=model, factory="Flat", encoder=meta
+    )
+    return save_index(idx, tmp_path_factory.mktemp("aligned") / "idx")
 
 
 def _edit_config(src, dst, sub, edit):

@@ -83,3 +83,4 @@ def test_the_wheel_holds_exactly_the_package_sources(installed):
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "embedstore").rglob("*.py")}
     sources |= {"embedstore/indexes/" + p.name for p in (REPO / "indexes").glob("*.py")}
     assert shipped == sources
+    assert "embedstore/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()

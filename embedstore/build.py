@@ -1,4 +1,4 @@
-"""The reference stage: stored embeddings + measured expression -> aligner, exemplar index, aggregator.
+"""The build stage: stored embeddings + measured expression -> aligner, exemplar index, aggregator.
 
 Reads a reference cohort from a store (spot-centred tile embeddings joined to their spots'
 counts), chooses the gene panel on it, trains the aligner with whole slides (or patients)
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedstore._params import check_aggregator_params, check_fields, validated
+from embedstore._progress import stage, step
 from embedstore._schema import Col
 from embedstore.errors import BadInput
 
@@ -73,7 +74,7 @@ def load_reference(
     encoder
         Encoder whose embeddings to read.
     cohort, slide_ids
-        Selection; slides without measured spots are an error.
+        Selection; a slide id that is not a measured and embedded slide of ``cohort`` is an error.
     exclude_slides
         Slides to leave out (e.g. a held-out fold).
 
@@ -82,19 +83,34 @@ def load_reference(
     The :class:`Reference`; genes are those measured in every selected section, so sections
     with different gene lists never contribute invented zeros.
     """
-    from scipy import sparse
-
     from embedstore.store import open_store
 
     store = open_store(store) if isinstance(store, str | Path) else store
-    spots, _, _ = store.read_expression(cohort=cohort, slide_ids=slide_ids, genes=[])
+    with stage("reading the reference embeddings and counts (cohort %s, encoder %s)", cohort, encoder):
+        ref = _read_reference(store, encoder, cohort, slide_ids, exclude_slides)
+    step(
+        "reference: %d spots from %d slides, %d genes measured in every slide",
+        len(ref.embeddings), len(set(ref.column(Col.SLIDE_ID))), len(ref.genes),
+    )  # fmt: skip
+    return ref
+
+
+def _read_reference(
+    store: Any, encoder: str, cohort: Any, slide_ids: Sequence[str] | None, exclude_slides: Sequence[str]
+) -> Reference:
+    """:func:`load_reference` on an open store."""
     cohorts = [cohort] if isinstance(cohort, str) else cohort
-    listing = store.sql("SELECT cohort, slide_id FROM slides WHERE encoder = ?", params=[encoder])
-    embedded = {s for c, s in zip(listing.cohort, listing.slide_id, strict=True) if cohorts is None or c in cohorts}
+    listing = store.sql(
+        "SELECT DISTINCT cohort, slide_id FROM slides JOIN spots USING (cohort, slide_id) WHERE encoder = ?",
+        params=[encoder],
+    )
+    measured = {
+        s: c for c, s in sorted(zip(listing.cohort, listing.slide_id, strict=True)) if cohorts is None or c in cohorts
+    }
+    if slide_ids is not None:
+        _check_slide_ids(slide_ids, set(measured), cohort, encoder, store.root)
     excluded = set(exclude_slides)
-    slides = [
-        s for s in dict.fromkeys(spots.column(Col.SLIDE_ID).to_pylist()) if s not in excluded and s in embedded
-    ]
+    slides = [s for s in (dict.fromkeys(slide_ids) if slide_ids is not None else measured) if s not in excluded]
     if not slides:
         msg = (
             f"{store.root}: no reference slides with expression left for cohort {cohort}; check --cohort and exclusions"
@@ -104,12 +120,7 @@ def load_reference(
     # Every selected file must match the first one's fingerprint and geometry (else one line naming it).
     encoder_meta = store.encoder_metadata(encoder, cohort=cohort, slide_ids=slides)
     meta, emb = store.read_embeddings(encoder, cohort=cohort, slide_ids=slides)
-    genes: list[str] | None = None
-    for s in slides:  # genes measured in every section
-        _, g, _ = store.read_expression(cohort=cohort, slide_ids=[s], genes=None)
-        measured = set(g)  # built once per section, not once per gene
-        genes = g if genes is None else [x for x in genes if x in measured]
-    obs, genes, counts = store.read_expression(cohort=cohort, slide_ids=slides, genes=genes)
+    obs, genes, counts = _read_sections(store, [(measured[s], s) for s in slides])
     key = lambda t: list(zip(t.column(Col.SLIDE_ID).to_pylist(), t.column(Col.SPOT_ID).to_pylist(), strict=True))  # noqa: E731
     where = {k: i for i, k in enumerate(key(obs))}
     pairs = [(i, where.get(k)) for i, k in enumerate(key(meta)) if k[1] is not None]
@@ -124,13 +135,42 @@ def load_reference(
         LOG.warning("reference: %d measured spots have no embedded tile and are left out", dropped)
     cols = [Col.COHORT, Col.SLIDE_ID, Col.SPOT_ID, Col.PATIENT, Col.X, Col.Y]
     joined = obs.take(pa.array(s_rows)).select(cols)
-    return Reference(
-        joined,
-        emb[e_rows],
-        sparse.csr_matrix(counts)[s_rows],
-        list(genes),
-        encoder_meta,
-    )
+    return Reference(joined, emb[e_rows], counts[s_rows], genes, encoder_meta)
+
+
+def _read_sections(store: Any, sections: Sequence[tuple[str, str]]) -> tuple[pa.Table, list[str], Any]:
+    """Spots and CSR counts of ``(cohort, slide_id)`` sections over the genes measured in every one.
+
+    Each section's files are read once; a gene missing from one section is left out, so no
+    section contributes invented zeros.
+    """
+    from scipy import sparse
+
+    parts = [store.read_expression(cohort=c, slide_ids=[s], genes=None) for c, s in sections]
+    genes = parts[0][1]
+    for _, section_genes, _ in parts[1:]:
+        measured = set(section_genes)  # once per section, not once per gene
+        genes = [g for g in genes if g in measured]
+    counts = []
+    for _, section_genes, m in parts:
+        column = {g: i for i, g in enumerate(section_genes)}
+        counts.append(m[:, [column[g] for g in genes]])
+    return pa.concat_tables(obs for obs, _, _ in parts), genes, sparse.vstack(counts, format="csr")
+
+
+def _check_slide_ids(slide_ids: Sequence[str], available: set[str], cohort: Any, encoder: str, root: Path) -> None:
+    """Raise BadInput naming the ``slide_ids`` that are not measured, embedded slides of the cohort."""
+    if isinstance(slide_ids, str):
+        msg = f"slide_ids={slide_ids!r}: must be a list of slide ids; pass [{slide_ids!r}]"
+        raise BadInput(msg)
+    unknown = [s for s in slide_ids if s not in available]
+    if unknown:
+        have = ", ".join(sorted(available)[:10]) or "none"
+        msg = (
+            f"slide_ids: {', '.join(map(str, unknown[:5]))} not among the slides of cohort {cohort} in {root} "
+            f"with spots and {encoder} embeddings ({have}); pass slides of that cohort"
+        )
+        raise BadInput(msg)
 
 
 @validated
@@ -186,8 +226,10 @@ def build_reference_index(
     if k > len(ref.embeddings):
         msg = f"build_reference_index: k={k} (--k): larger than the reference's {len(ref.embeddings)} spots; pass a smaller k"
         raise BadInput(msg)
-    panel = panel or select_panel(ref.counts, ref.genes, method=panel_method, n=n_genes)
-    expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
+    with stage("choosing the gene panel and normalising the counts"):
+        panel = panel or select_panel(ref.counts, ref.genes, method=panel_method, n=n_genes)
+        expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
+    step("panel: %d genes (%s)", len(panel), panel.method)
     group_col = ref.group_column(group_by)
     groups = ref.column(group_col).astype(str)
     model = None
@@ -203,7 +245,8 @@ def build_reference_index(
             },
             where="aligner settings",
         )
-        model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
+        with stage("training the aligner on %d spots x %d genes", len(expr), len(panel)):
+            model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
     else:
         keys = "image"
     learned = aggregator == "learned"
@@ -215,7 +258,8 @@ def build_reference_index(
         nprobe=nprobe, seed=seed,
     )  # fmt: skip
     if learned:
-        idx.fit_learned_aggregator(ref.embeddings, k=k, seed=seed, group_by=group_col)
+        with stage("training the learned aggregator (k=%d, each %s excluded from its own retrieval)", k, group_col):
+            idx.fit_learned_aggregator(ref.embeddings, k=k, seed=seed, group_by=group_col)
     idx.manifest["k"] = int(k)
     idx.manifest["group_by"] = group_col
     return idx
@@ -242,13 +286,21 @@ def aggregator_with(name: str, params: dict[str, Any] | None) -> Any:
 
 
 @validated
-def build_index(recipe: str | Path | Any, store: str | Path, out: str | Path, overwrite: bool = True) -> Path:
+def build_index(
+    recipe: str | Path | Any,
+    store: str | Path,
+    out: str | Path,
+    overwrite: bool = True,
+    *,
+    slide_ids: Sequence[str] | None = None,
+) -> Path:
     """Index stage: rebuild an exemplar index from a recipe (``indexes/*.toml``) and a store.
 
     Parameters
     ----------
     recipe
-        Recipe name, ``.toml`` path, or a :class:`~embedstore.recipes.Recipe`.
+        Recipe name, ``.toml`` path, or a :class:`~embedstore.recipes.Recipe` (built in code,
+        e.g. with an explicit ``PanelSpec(genes=[...])``).
     store
         Store holding the reference cohort's embeddings and expression.
     out
@@ -256,29 +308,46 @@ def build_index(recipe: str | Path | Any, store: str | Path, out: str | Path, ov
     overwrite
         Replace an existing exemplar index (only an index: a folder holding anything else, a
         store or a store's subfolder is refused, untouched).
+    slide_ids
+        Build from these slides of the recipe's cohort only (e.g. the training slides of a
+        fold), in place of the recipe's ``slides``; its ``exclude_slides`` still apply.
     """
     from embedstore._atomic import check_replaceable
-    from embedstore.index import KIND, save_index
+    from embedstore.index import KIND
+    from embedstore.index_folder import save_index
     from embedstore.recipes import Recipe, load_recipe
 
     # Refuse a bad --out before the minutes of training; save_index checks again before the swap.
     check_replaceable(out, KIND, what="exemplar index", overwrite=overwrite, folder=True)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     _check_settings(r.aggregator.name, r.aggregator.params, r.aligner, r.source or r.name)  # before the reading
-    ref = load_reference(
-        store, r.encoder, cohort=r.cohort, slide_ids=list(r.slides) or None, exclude_slides=r.exclude_slides
-    )
-    LOG.info(
-        "recipe %s: %d reference spots from %d slides", r.name, len(ref.embeddings), len(set(ref.column(Col.SLIDE_ID)))
-    )
-    panel_method: str | Sequence[str] = list(r.panel.genes) if r.panel.method == "list" else r.panel.method
+    selection = list(slide_ids) if slide_ids is not None else list(r.slides) or None
+    ref = load_reference(store, r.encoder, cohort=r.cohort, slide_ids=selection, exclude_slides=r.exclude_slides)
     idx = build_reference_index(
-        ref, panel_method=panel_method, n_genes=r.panel.n_genes, aligner=r.aligner, keys=r.index.keys,
+        ref, panel=_recipe_panel(r, ref), aligner=r.aligner, keys=r.index.keys,
         factory=r.index.factory, nprobe=r.index.nprobe, aggregator=r.aggregator.name,
         aggregator_params=r.aggregator.params, k=r.aggregator.k, group_by=r.group_by, seed=r.seed,
     )  # fmt: skip
     idx.manifest["recipe"] = r.to_dict()
-    return save_index(idx, out, overwrite=overwrite)
+    with stage("saving the index to %s", out):
+        return save_index(idx, out, overwrite=overwrite)
+
+
+def _recipe_panel(r: Any, ref: Reference) -> Any:
+    """The recipe's panel on ``ref``; a listed gene the reference did not measure names the recipe."""
+    from embedstore.expression import select_panel
+
+    listed, measured = list(dict.fromkeys(r.panel.genes)), set(ref.genes)
+    missing = [g for g in listed if g not in measured]
+    if missing:
+        msg = (
+            f"{r.source or r.name} [panel]: genes {', '.join(missing[:10])} not measured in every reference "
+            f"section of cohort {r.cohort}; remove them from genes"
+        )
+        raise BadInput(msg)
+    if r.panel.method == "list":
+        return select_panel(ref.counts, ref.genes, listed)
+    return select_panel(ref.counts, ref.genes, r.panel.method, r.panel.n_genes, include=listed)
 
 
 @validated
@@ -333,5 +402,6 @@ def train_aligner(
         where="aligner settings",
     )
     groups = ref.column(ref.group_column(group_by)).astype(str)
-    model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
+    with stage("training the aligner on %d spots x %d genes", len(expr), len(panel)):
+        model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
     return aligner_mod.save_aligner(model, out)
