@@ -1,18 +1,21 @@
 """The evaluation stage: every method on the same embeddings, genes and leakage-free splits.
 
 ``evaluate`` embeds a reference and a query ST data set (or cross-validates one data set by
-patient, or by section when it has one patient), builds what each method needs from the
-reference only (gene panel and gene sets, ridge probe, raw-embedding index, aligner,
-aligned index, learned aggregator), predicts the query, and writes
-``predictions_<method>.h5ad``, ``metrics.json`` and ``report.html``. ``demo`` runs it offline
-on a synthetic cohort.
+patient, or by section when it has one patient) and measures the stages users run: for each
+split it chooses the gene panel and gene sets on the training slides, writes two index
+folders with :func:`embedstore.build.build_index` from those slides (``knn-raw``: raw
+embeddings; ``aligned``: aligner and learned aggregator), predicts the held-out slides with
+:func:`embedstore.prediction.predict` (``bleep``, ``softmax`` and ``idw`` are the aligned
+index queried with that aggregator), fits the HEST ridge probe on the stored embeddings,
+and writes ``predictions_<method>.h5ad``, ``metrics.json``, ``report.html`` and the index
+folders (``indexes/``, or ``fold-<group>/indexes/``).
 
 The output folder is marked by ``evaluation.json`` (``embedstore.kind = "evaluation"``, the run id
 and the files of the run). A run is written into a temporary folder and published file by file
 only once complete; every file carries the run id (h5ad ``uns['embedstore']['run']``,
 ``metrics.json`` ``run``, the report's ``embedstore.run`` meta tag), the marker names the run
 being published while it is, and the previous run's files are removed. The store (``OUT/store``)
-and the demo's synthetic cohort are kept, so reruns reuse their embeddings.
+and the demo's synthetic cohort (:mod:`embedstore.demo`) are kept, so reruns reuse their embeddings.
 """
 
 from __future__ import annotations
@@ -25,33 +28,43 @@ import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embedstore._atomic import KIND_KEY, atomic_file, atomic_folder, check_replaceable, fsync_dir, swap_in, temp_dir
+from embedstore._atomic import KIND_KEY, atomic_file, check_replaceable, fsync_dir, swap_in, temp_dir
 from embedstore._params import StrList, check_fields, validated
+from embedstore._progress import stage, step
 from embedstore._schema import UNS_KEY, Col
 from embedstore.errors import BadInput
 
+if TYPE_CHECKING:
+    from embedstore.build import Reference
+
 LOG = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "EvalResult", "demo", "evaluate"]
+__all__ = ["METHODS", "EvalResult", "evaluate", "prepare_out"]
 
 METHODS = ("ridge", "knn-raw", "bleep", "softmax", "idw", "learned")
 METHOD_NOTES = {
     "ridge": "HEST-Benchmark probe: standard scaling, PCA(256), ridge alpha = 100 / (features x genes)",
     "knn-raw": "kNN on raw (L2-normalised) embeddings, mean of top k; no aligner",
     "bleep": "BLEEP: contrastive aligner, expression exemplars, mean of top k",
-    "softmax": "aligner + similarity-softmax over top k (Loki-like)",
+    "softmax": "aligner + similarity-softmax over top k, tau = 0.1 (Loki-like)",
     "idw": "aligner + inverse-distance weighting over top k (mclSTExp)",
     "learned": "aligner + EGN-style exemplar attention, trained leaving each reference slide/patient out",
 }
 N_SET = 50  # genes in the HVG and highest-mean gene sets (HEST; BLEEP/mclSTExp)
 EVAL_KIND = "evaluation"
 MARKER = "evaluation.json"
+SYNTHETIC_COHORT = "synthetic-cohort"  # where embedstore.demo writes its cohort
 # Entries of an evaluation folder that a run never replaces or removes.
-KEPT = ("store", "synthetic-cohort", MARKER)
+KEPT = ("store", SYNTHETIC_COHORT, MARKER)
+INDEXES = "indexes"  # folder of a split's index folders
+ALIGNED = ("bleep", "softmax", "idw", "learned")  # methods served by the aligned index
+# Aggregator each kNN method asks predict() for: a registered one with its default parameters,
+# or (None) the index's own, trained one.
+AGGREGATOR_OF = {"knn-raw": "mean", "bleep": "mean", "softmax": "softmax", "idw": "idw", "learned": None}
 
 
 @dataclasses.dataclass
@@ -76,7 +89,6 @@ class Settings:
     k: int = 50
     n_genes: int = 250
     seed: int = 0
-    tau: float = 0.1
     aligner: tuple[tuple[str, Any], ...] = ()  # AlignerConfig overrides
     methods: tuple[str, ...] = METHODS
 
@@ -133,7 +145,7 @@ def evaluate(
         from embedstore.aligner import FIELD_RULES, AlignerConfig
 
         check_fields(AlignerConfig, aligner, "evaluate aligner settings", ranges=False, **FIELD_RULES)
-    check_data_sets(reference, query, k=k, n_genes=n_genes)  # seconds, before minutes of embedding
+    sections = check_data_sets(reference, query, k=k, n_genes=n_genes)  # seconds, before minutes of embedding
     out = Path(out)
     store = Path(store) if store else out / "store"
     if store.resolve() == out.resolve():
@@ -149,7 +161,10 @@ def evaluate(
     thumbnails: dict[str, Any] = {}
     skipped_notes = []
     for cohort, data in cohorts.items():
-        report = embed(data, store, enc_name, weights=weights, cohort=cohort, workers=workers, batch_size=batch_size)
+        with stage("embedding the %s cohort %s", cohort, data):
+            report = embed(
+                data, store, enc_name, weights=weights, cohort=cohort, workers=workers, batch_size=batch_size
+            )
         failed = [r for r in report.results if r.status == "failed"]
         if len(failed) == len(report.results):
             msg = f"{data}: no section could be embedded ({failed[0].reason}); fix the data set"
@@ -157,37 +172,47 @@ def evaluate(
         for r in failed:  # evaluate what can be evaluated, and say plainly what was left out
             LOG.warning("%s: %s left out of the evaluation: %s", cohort, r.slide_id, r.reason)
             skipped_notes.append(f"{cohort} section {r.slide_id} left out: {r.reason}")
-        thumbnails.update(_thumbnails(data))
+        thumbnails.update(_thumbnails(sections[cohort]))
 
-    from embedstore.reference import load_reference
+    from embedstore.build import load_reference
+    from embedstore.store import open_store
 
-    ref = load_reference(store, enc_name, cohort="reference")
+    st = open_store(store)
+    ref = load_reference(st, enc_name, cohort="reference")
     run = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     # The run is written into a fresh folder and published only once complete.
     with temp_dir(out / "results", shown_as=out) as staging:
         if query:
-            qry = load_reference(store, enc_name, cohort="query")
-            predictions, truth, gene_sets = _run_split(ref, qry, settings)
+            qry = load_reference(st, enc_name, cohort="query")
+            split = Split("query", ref, qry, None, "query")
+            predictions, truth, gene_sets = _run_split(st, split, settings, staging)
             _write_predictions(staging, predictions, run)
             folds_note = f"reference {reference} ({len(set(ref.column(Col.SLIDE_ID)))} slides) -> query {query}"
-            metrics = _score(predictions, truth, gene_sets)
+            with stage("scoring"):
+                metrics = _score(predictions, truth, gene_sets)
             metrics["split"] = {"mode": "reference-query", "reference": str(reference), "query": str(query)}
             report_inputs = (predictions, truth)
         else:
-            metrics, report_inputs, folds_note = _cross_validate(ref, settings, staging, run)
-        metrics["settings"] = {**dataclasses.asdict(settings), "encoder": ref.encoder, "methods_described": METHOD_NOTES}
+            metrics, report_inputs, folds_note = _cross_validate(st, ref, settings, staging, run)
+        metrics["settings"] = {
+            **dataclasses.asdict(settings),
+            "encoder": ref.encoder,
+            "methods_described": METHOD_NOTES,
+        }
         metrics["run"] = run
         _write_json(staging / "metrics.json", metrics)
 
         from embedstore.report import write_report
 
         notes = [folds_note, *_verdicts(metrics), *skipped_notes]
-        write_report(
-            staging, metrics, report_inputs[0], report_inputs[1], thumbnails,
-            title=f"embedstore evaluation: {Path(reference).name}" + (f" -> {Path(query).name}" if query else " (cross-validation)"),
-            notes=notes, max_map_slides=6, run=run,
-        )  # fmt: skip
+        with stage("writing the report"):
+            write_report(
+                staging, metrics, report_inputs[0], report_inputs[1], thumbnails,
+                title=f"embedstore evaluation: {Path(reference).name}" + (f" -> {Path(query).name}" if query else " (cross-validation)"),
+                notes=notes, max_map_slides=6, run=run,
+            )  # fmt: skip
         _publish(out, staging, run)
+    step("evaluation written to %s", out)
     return EvalResult(out, metrics, out / "report.html")
 
 
@@ -253,8 +278,13 @@ def _publish(out: Path, staging: Path, run: str) -> None:
     fsync_dir(out)
 
 
-def check_data_sets(reference: str | Path, query: str | Path | None, *, k: int, n_genes: int) -> None:
+def check_data_sets(reference: str | Path, query: str | Path | None, *, k: int, n_genes: int) -> dict[str, list[Any]]:
     """Refuse settings the data sets cannot support, from their spots and genes alone (no images read).
+
+    Returns
+    -------
+    The sections with an image of each data set (AnnData of the spots readers), under
+    ``"reference"`` and ``"query"``.
 
     Raises
     ------
@@ -277,8 +307,10 @@ def check_data_sets(reference: str | Path, query: str | Path | None, *, k: int, 
         return set.intersection(*(set(map(str, s.var_names)) for s in sections))
 
     ref = usable(reference)
+    sections = {"reference": ref}
     if query is not None:
-        ref_genes, qry_genes = common_genes(ref), common_genes(usable(query))
+        sections["query"] = usable(query)
+        ref_genes, qry_genes = common_genes(ref), common_genes(sections["query"])
         if not ref_genes & qry_genes:
             msg = (
                 f"{query}: shares no gene with the reference {reference} (e.g. {sorted(qry_genes)[:3]} vs "
@@ -308,6 +340,7 @@ def check_data_sets(reference: str | Path, query: str | Path | None, *, k: int, 
     if n_genes > n_common:
         msg = f"n_genes={n_genes} (--n-genes): larger than the {n_common} genes measured in every section of {genes[0]}; pass --n-genes {n_common} or less"
         raise BadInput(msg)
+    return sections
 
 
 def _json_default(o: Any) -> Any:
@@ -318,36 +351,67 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def _thumbnails(data: Path) -> dict[str, Any]:
+def _thumbnails(sections: Sequence[Any]) -> dict[str, Any]:
     """Thumbnail and its scale (thumbnail px per level-0 px) of each section's image."""
     from embedstore.slides import open_slide
-    from embedstore.spots import read_dataset
 
     thumbs = {}
-    for section in read_dataset(data, join=None):
+    for section in sections:
         info = section.uns[UNS_KEY]
-        if not info.get("image_path"):
-            continue
         with open_slide(info["image_path"], mpp=info.get("mpp")) as slide:
             thumb = slide.thumbnail(768)
             thumbs[info["slide_id"]] = (thumb, thumb.size[0] / slide.dimensions[0])
     return thumbs
 
 
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split: the training slides of the reference cohort and the slides predicted from them."""
+
+    name: str  # "query" or "fold <group>", in progress lines
+    train: Reference  # the training slides, read as build_index reads them
+    test: Reference  # the predicted slides
+    train_slides: list[str] | None  # None: every slide of the reference cohort
+    test_cohort: str
+    folder: str = ""  # where its files go, relative to the run's folder
+
+
 def _gene_sets(ref: Any, n_genes: int) -> tuple[Any, dict[str, list[str]]]:
     """Panel = top-``n_genes`` HVG plus the genes of both gene sets (top-50 HVG, top-50 mean), chosen on the reference.
 
     Every gene of a gene set is in the panel, so every method predicts it: with ``n_genes``
-    under 50, ``hvg50`` would otherwise be scored on the few HVG the panel kept.
+    under 50, ``hvg50`` would otherwise be scored on the few HVG the panel kept. The index
+    recipes ask :func:`~embedstore.build.build_index` for the same panel (:func:`_recipe`).
     """
     from embedstore.expression import select_panel
 
-    hvg_panel = select_panel(ref.counts, ref.genes, "hvg", n_genes)
     hvg50 = list(select_panel(ref.counts, ref.genes, "hvg", N_SET).genes)
     mean50 = list(select_panel(ref.counts, ref.genes, "mean", N_SET).genes)
-    genes = list(dict.fromkeys([*hvg_panel.genes, *hvg50, *mean50]))
-    panel = select_panel(ref.counts, ref.genes, genes)
-    return panel, {f"hvg{N_SET}": hvg50, f"mean{N_SET}": mean50, "panel": genes}
+    panel = select_panel(ref.counts, ref.genes, "hvg", n_genes, include=_set_genes(hvg50, mean50))
+    return panel, {f"hvg{N_SET}": hvg50, f"mean{N_SET}": mean50, "panel": list(panel.genes)}
+
+
+def _set_genes(*gene_sets: list[str]) -> list[str]:
+    """The genes of the gene sets, once each, in order."""
+    return list(dict.fromkeys(g for genes in gene_sets for g in genes))
+
+
+def _recipe(name: str, encoder: str, gene_sets: dict[str, list[str]], k: int, s: Settings) -> Any:
+    """Recipe of a split's index: ``knn-raw`` (raw embeddings, mean of top k) or ``aligned`` (aligner, learned aggregator)."""
+    from embedstore.recipes import AggregatorSpec, IndexSpec, PanelSpec, Recipe
+
+    raw = name == "knn-raw"
+    include = _set_genes(gene_sets[f"hvg{N_SET}"], gene_sets[f"mean{N_SET}"])
+    return Recipe(
+        name=name,
+        encoder=encoder,
+        cohort="reference",
+        aligner=None if raw else dict(s.aligner),
+        panel=PanelSpec("hvg", s.n_genes, tuple(include)),
+        index=IndexSpec(keys="image" if raw else "expression"),
+        aggregator=AggregatorSpec("mean" if raw else "learned", k),
+        seed=s.seed,
+    )
 
 
 def _truth(qry: Any, panel: Any) -> Any:
@@ -360,45 +424,57 @@ def _truth(qry: Any, panel: Any) -> Any:
     return prediction_anndata(values, present, qry.obs.to_pandas())
 
 
-def _run_split(ref: Any, qry: Any, s: Settings) -> tuple[dict[str, Any], Any, dict[str, list[str]]]:
-    """Build every method on ``ref`` and predict ``qry``; returns predictions, truth, gene sets."""
+def _run_split(st: Any, split: Split, s: Settings, run_dir: Path) -> tuple[dict[str, Any], Any, dict[str, list[str]]]:
+    """Build every method on the split's training slides and predict its test slides.
+
+    The kNN methods run the public stages: :func:`~embedstore.build.build_index` writes the
+    ``knn-raw`` and ``aligned`` index folders into ``run_dir/<split.folder>/indexes/`` and
+    :func:`~embedstore.prediction.predict` reads them back (without the H&E in ``uns['spatial']``:
+    predicting from the index folder gives it). Returns predictions (by method), truth and gene sets.
+    """
+    from embedstore.build import build_index
     from embedstore.expression import apply_panel, normalize_log1p
-    from embedstore.prediction import prediction_anndata
+    from embedstore.index_folder import load_index
+    from embedstore.prediction import predict, prediction_anndata
     from embedstore.probe import fit_ridge_probe
-    from embedstore.reference import build_reference_index
 
-    panel, gene_sets = _gene_sets(ref, s.n_genes)
-    expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
-    k = min(s.k, len(ref.embeddings) - 1)
-    obs = qry.obs.to_pandas()
-    values: dict[str, np.ndarray] = {}
+    train, test = split.train, split.test
+    panel, gene_sets = _gene_sets(train, s.n_genes)
+    k = min(s.k, len(train.embeddings) - 1)
+    test_slides = list(dict.fromkeys(test.column(Col.SLIDE_ID)))
+    predictions: dict[str, Any] = {}
     if "ridge" in s.methods:
-        values["ridge"] = fit_ridge_probe(ref.embeddings, expr, seed=s.seed).predict(qry.embeddings)
-    if "knn-raw" in s.methods:
-        raw = build_reference_index(ref, panel=panel, aligner=None, aggregator="mean", k=k, seed=s.seed)
-        values["knn-raw"] = raw.predict(qry.embeddings, k=k, aggregator="mean")
-    aligned_methods = [m for m in ("bleep", "softmax", "idw", "learned") if m in s.methods]
-    if aligned_methods:
-        idx = build_reference_index(ref, panel=panel, aligner=dict(s.aligner), aggregator="mean", k=k, seed=s.seed)
-        named = {"bleep": "mean", "softmax": _softmax(s.tau), "idw": "idw"}
-        for m in aligned_methods:
-            if m != "learned":
-                values[m] = idx.predict(qry.embeddings, k=k, aggregator=named[m])
-        if "learned" in aligned_methods:
-            group_col = ref.group_column("auto")
-            idx.fit_learned_aggregator(ref.embeddings, k=k, seed=s.seed, group_by=group_col)
-            values["learned"] = idx.predict(qry.embeddings, k=k)
-    predictions = {
-        m: prediction_anndata(v, panel.genes, obs, uns={"method": m, "description": METHOD_NOTES[m], "k": k})
-        for m, v in values.items()
-    }
-    return predictions, _truth(qry, panel), gene_sets
+        with stage("%s: fitting the ridge probe", split.name):
+            expr = apply_panel(normalize_log1p(train.counts), train.genes, panel)
+            values = fit_ridge_probe(train.embeddings, expr, seed=s.seed).predict(test.embeddings)
+        predictions["ridge"] = prediction_anndata(values, panel.genes, test.obs.to_pandas(), uns=_method_uns("ridge"))
+    served = {"knn-raw": [m for m in ("knn-raw",) if m in s.methods], "aligned": [m for m in ALIGNED if m in s.methods]}
+    for name, methods in served.items():
+        if not methods:
+            continue
+        index = Path(split.folder, INDEXES, name)
+        recipe = _recipe(name, train.encoder["name"], gene_sets, k, s)
+        with stage("%s: building the %s index from %d slides", split.name, name, len(set(train.column(Col.SLIDE_ID)))):
+            build_index(recipe, st.root, run_dir / index, slide_ids=split.train_slides)
+        loaded = load_index(run_dir / index)  # read once for its methods
+        for m in methods:
+            with stage("%s: predicting %s", split.name, m):
+                adata = predict(
+                    loaded,
+                    st,
+                    slide_ids=test_slides,
+                    cohort=split.test_cohort,
+                    k=k,
+                    aggregator=AGGREGATOR_OF[m],
+                    images=False,  # the report draws the maps; six copies of each H&E are not needed
+                )
+            adata.uns[UNS_KEY] = {**dict(adata.uns[UNS_KEY]), **_method_uns(m), "index": index.as_posix()}
+            predictions[m] = adata
+    return predictions, _truth(test, panel), gene_sets
 
 
-def _softmax(tau: float) -> Any:
-    from embedstore.aggregate import create_aggregator
-
-    return create_aggregator("softmax", tau=tau)
+def _method_uns(method: str) -> dict[str, str]:
+    return {"method": method, "description": METHOD_NOTES[method]}
 
 
 def _write_predictions(folder: Path, predictions: dict[str, Any], run: str) -> None:
@@ -410,17 +486,25 @@ def _write_predictions(folder: Path, predictions: dict[str, Any], run: str) -> N
 
 
 def _score(predictions: dict[str, Any], truth: Any, gene_sets: dict[str, list[str]]) -> dict[str, Any]:
-    from embedstore.report import score_predictions
+    from embedstore.scoring import score_predictions
 
     return score_predictions(predictions, truth, gene_sets)
 
 
-def _cross_validate(ref: Any, s: Settings, out: Path, run: str) -> tuple[dict[str, Any], tuple[Any, Any], str]:
-    """Leave-one-group-out over patients (or sections); per-slide scores merged over folds."""
+def _cross_validate(st: Any, ref: Any, s: Settings, out: Path, run: str) -> tuple[dict[str, Any], tuple[Any, Any], str]:
+    """Leave-one-group-out over patients (or sections); per-slide scores merged over folds.
+
+    Each fold reads its training and held-out slides from the store on their own, as
+    :func:`~embedstore.build.build_index` does: the genes of each part are those measured in
+    every one of its sections.
+    """
     import anndata as ad
+
+    from embedstore.build import load_reference
 
     group_col = ref.group_column("auto")
     groups = ref.column(group_col).astype(str)
+    slides = ref.column(Col.SLIDE_ID)
     unique = sorted(set(groups))
     if len(unique) < 2:
         msg = f"cross-validation needs at least 2 {group_col}s; the data set has {len(unique)}: give a --query data set"
@@ -431,13 +515,25 @@ def _cross_validate(ref: Any, s: Settings, out: Path, run: str) -> tuple[dict[st
         else "section (the data set has one patient, so folds are not independent patients)"
     )
     fold_metrics, preds_all, truths = [], {}, []
-    for g in unique:
-        LOG.info("fold %s: held out", g)
-        train, test = ref.subset(groups != g), ref.subset(groups == g)
-        predictions, truth, gene_sets = _run_split(train, test, s)
-        _write_predictions(out / f"fold-{g}", predictions, run)
-        m = _score(predictions, truth, gene_sets)
-        _write_json(out / f"fold-{g}" / "metrics.json", {**m, "run": run})
+    for i, g in enumerate(unique, 1):
+        train_slides = list(dict.fromkeys(slides[groups != g]))
+        test_slides = list(dict.fromkeys(slides[groups == g]))
+        step("fold %d/%d: %s %s held out (%d slides), %d training slides", i, len(unique), group_col, g,
+             len(test_slides), len(train_slides))  # fmt: skip
+        encoder = ref.encoder["name"]
+        split = Split(
+            f"fold {g}",
+            load_reference(st, encoder, cohort="reference", slide_ids=train_slides),
+            load_reference(st, encoder, cohort="reference", slide_ids=test_slides),
+            train_slides,
+            "reference",
+            folder=f"fold-{g}",
+        )
+        predictions, truth, gene_sets = _run_split(st, split, s, out)
+        _write_predictions(out / split.folder, predictions, run)
+        with stage("fold %s: scoring", g):
+            m = _score(predictions, truth, gene_sets)
+        _write_json(out / split.folder / "metrics.json", {**m, "run": run})
         fold_metrics.append(m)
         truths.append(truth)
         for method, p in predictions.items():
@@ -459,11 +555,11 @@ def _merge_folds(fold_metrics: list[dict[str, Any]], folds: list[str]) -> dict[s
     """Pool per-slide scores of every fold: each slide is scored once, by the fold that held it out.
 
     Each fold scores its own gene sets (chosen on its training part). A gene set's size is
-    computed here once (:func:`~embedstore.report.gene_set_size`): the genes scored in each
+    computed here once (:func:`~embedstore.scoring.gene_set_size`): the genes scored in each
     fold and those scored in every fold; per-gene numbers cover the latter, so the figures
     and the label agree.
     """
-    from embedstore.report import gene_set_size
+    from embedstore.scoring import gene_set_size
 
     merged: dict[str, Any] = {"methods": {}, "folds": dict(zip(folds, fold_metrics, strict=True))}
     merged["definition"] = fold_metrics[0].get("definition", "") + (
@@ -560,34 +656,3 @@ def _verdicts(metrics: dict[str, Any]) -> list[str]:
             parts.append("the ridge probe is the best method here")
         notes.append("; ".join(parts))
     return notes
-
-
-@validated
-def demo(out: str | Path = "demo-out", data: str | Path | None = None, seed: int = 0) -> EvalResult:
-    """The offline main job: synthetic cohort (or ``data``), embed, align, index, predict, evaluate.
-
-    Parameters
-    ----------
-    out
-        Output folder.
-    data
-        A real ST data set to cross-validate instead of the synthetic cohort.
-    seed
-        Seed of the synthetic cohort and of training.
-    """
-    out = Path(out)
-    prepare_out(out)  # before the synthetic cohort is written into it
-    synthetic = data is None
-    if synthetic:
-        from embedstore.testing import make_synthetic_cohort
-
-        cohort_dir = out / "synthetic-cohort"
-        if not (cohort_dir / "data").is_dir():
-            # Generated beside and swapped in: a killed run never leaves half a cohort to evaluate.
-            with atomic_folder(cohort_dir) as tmp:
-                make_synthetic_cohort(
-                    tmp, n_slides=6, n_patients=3, n_spots=80, n_genes=60, seed=seed, width=3000, height=3000
-                )
-        data = cohort_dir
-    # The synthetic cohort has ~80 spots per slide: fewer neighbours and genes than a real cohort.
-    return evaluate(data, out, seed=seed, k=20 if synthetic else 50, n_genes=60 if synthetic else 250)

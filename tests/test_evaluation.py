@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 from scipy.stats import pearsonr
 
+import embedstore as es
 from embedstore.evaluation import METHODS, evaluate
+from embedstore.index_folder import load_index
 from embedstore.testing import make_synthetic_cohort
 
 
@@ -58,6 +60,21 @@ def test_every_method_writes_predictions_for_every_query_spot(evaluated):
     assert (result.out / "report.html").is_file()
 
 
+def test_predictions_are_what_predict_gives_from_the_written_indexes(evaluated):
+    """The kNN methods are measured through the public stages: index folders read back by predict()."""
+    result, _ = evaluated
+    aggregators = {"knn-raw": None, "bleep": "mean", "softmax": "softmax", "idw": "idw", "learned": None}
+    for method, aggregator in aggregators.items():
+        written = ad.read_h5ad(result.out / f"predictions_{method}.h5ad")
+        folder = result.out / written.uns["embedstore"]["index"]
+        index = load_index(folder)
+        assert set(index.exemplars.column("slide_id").to_pylist()) == {"A1", "A2"}  # the reference only
+        assert index.manifest["aggregator"]["name"] == ("mean" if method == "knn-raw" else "learned")
+        again = es.predict(folder, result.out / "store", cohort="query", aggregator=aggregator, images=False)
+        assert list(again.obs_names) == list(written.obs_names)
+        np.testing.assert_array_equal(again.X, written.X)
+
+
 def _independent_truth(qry, slide):
     counts = pd.read_csv(qry / "data" / "ST-cnts" / f"{slide}.tsv.gz", sep="\t", index_col=0)
     norm = np.log1p(counts.to_numpy(float) / counts.to_numpy(float).sum(axis=1, keepdims=True) * 1e4)
@@ -96,7 +113,7 @@ def test_image_signal_is_recovered(evaluated):
         assert starred == [max(means, key=means.get)], (gene_set, starred, means)
 
 
-def test_cross_validation_holds_out_each_patient(tmp_path):
+def test_cross_validation_holds_out_each_patient(tmp_path, capsys):
     cohort = make_synthetic_cohort(
         tmp_path / "cv", n_slides=3, n_patients=3, n_genes=30, seed=2, width=2000, height=2000
     )
@@ -105,5 +122,21 @@ def test_cross_validation_holds_out_each_patient(tmp_path):
     for fold in "ABC":
         fold_pred = ad.read_h5ad(tmp_path / "out" / f"fold-{fold}" / "predictions_ridge.h5ad")
         assert set(fold_pred.obs.slide_id) == {f"{fold}1"}
+        # the fold's index is built from the other patients' slides only
+        index = load_index(tmp_path / "out" / f"fold-{fold}" / "indexes" / "knn-raw")
+        assert set(index.exemplars.column("slide_id").to_pylist()) == {f"{p}1" for p in "ABC" if p != fold}
     per_slide = result.metrics["methods"]["ridge"]["gene_sets"]["hvg50"]["per_slide"]
     assert sorted(per_slide) == ["A1", "B1", "C1"]
+    # one progress line per step, with its duration, on stderr
+    err = capsys.readouterr().err
+    for line in (
+        "embedstore: embedding the reference cohort",
+        "embedstore: fold 1/3: patient A held out (1 slides), 2 training slides",
+        "embedstore: fold 3/3: patient C held out",
+        "embedstore: fold B: fitting the ridge probe done (",
+        "embedstore: fold B: building the knn-raw index from 2 slides done (",
+        "embedstore: fold B: predicting knn-raw done (",
+        "embedstore: fold C: scoring done (",
+        "embedstore: writing the report done (",
+    ):
+        assert line in err, (line, err)

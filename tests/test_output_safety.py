@@ -16,8 +16,8 @@ import pytest
 import embedstore as es
 from embedstore.aligner import load_aligner, save_aligner
 from embedstore.errors import BadInput
-from embedstore.evaluation import demo
-from embedstore.index import load_index
+from embedstore.demo import demo
+from embedstore.index_folder import load_index, save_index
 
 CLI = [sys.executable, "-m", "embedstore"]
 def run(*args: object, **kw) -> subprocess.CompletedProcess:
@@ -122,7 +122,7 @@ def test_api_outputs_refuse(kind, targets, store, recipe, index, cohort):
         "evaluate": lambda: es.evaluate(cohort.root, out, k=5, n_genes=20, workers=0),
         "train_aligner": lambda: es.train_aligner(store, "builtin", out, max_epochs=1),
         "save_aligner": lambda: save_aligner(idx.aligner, out),
-        "ExemplarIndex.save": lambda: idx.save(out, overwrite=True),
+        "save_index": lambda: save_index(idx, out, overwrite=True),
         "demo": lambda: demo(out),
     }
     for name, call in calls.items():
@@ -138,12 +138,12 @@ def test_api_checkpoint_refuses_another_kind_and_replaces_its_own(tmp_path, inde
     save_aligner(idx.aligner, folder)  # its own kind: replaced
     assert load_aligner(folder).config == idx.aligner.config
     with pytest.raises(BadInput, match="not an embedstore exemplar index"):
-        idx.save(folder, overwrite=True)  # an aligner is not an index
+        save_index(idx, folder, overwrite=True)  # an aligner is not an index
     with pytest.raises(BadInput, match="already exists"):
-        idx.save(index)  # overwrite=False
+        save_index(idx, index)  # overwrite=False
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert load_index(idx.save(empty)).manifest["n"] == idx.manifest["n"]
+    assert load_index(save_index(idx, empty)).manifest["n"] == idx.manifest["n"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -258,7 +258,7 @@ def test_published_outputs_follow_the_umask(index, tmp_path):
 
     old = os.umask(0o002)
     try:
-        out = es.load_index(index).save(tmp_path / "shared.index")
+        out = save_index(es.load_index(index), tmp_path / "shared.index")
     finally:
         os.umask(old)
     modes = {p.relative_to(out): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}

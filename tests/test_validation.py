@@ -183,7 +183,7 @@ def test_exemplar_index_predict_checks_k_and_group_by():
 
 
 def test_build_reference_index_refuses_unknown_aggregator_params():
-    from embedstore.reference import build_reference_index
+    from embedstore.build import build_reference_index
 
     with pytest.raises(BadInput, match=r"unknown parameter 'temperature' of aggregator 'softmax'"):
         build_reference_index(None, aggregator="softmax", aggregator_params={"temperature": 0.1})
@@ -292,7 +292,7 @@ def test_recipe_unknown_aggregator_parameter_is_refused_before_reading_the_store
 
 @pytest.fixture
 def saved_index(tmp_path):
-    from embedstore.index import save_index
+    from embedstore.index_folder import save_index
 
     idx, _ = _tiny_index()
     return save_index(idx, tmp_path / "idx")
