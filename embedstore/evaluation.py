@@ -429,13 +429,13 @@ def _run_split(st: Any, split: Split, s: Settings, run_dir: Path) -> tuple[dict[
 
     The kNN methods run the public stages: :func:`~embedstore.build.build_index` writes the
     ``knn-raw`` and ``aligned`` index folders into ``run_dir/<split.folder>/indexes/`` and
-    :func:`~embedstore.prediction.predict` reads them back (without the H&E in ``uns['spatial']``:
-    predicting from the index folder gives it). Returns predictions (by method), truth and gene sets.
+    :func:`~embedstore.prediction.predict` reads them back; each test slide's H&E is read once and
+    put in every method's ``uns['spatial']``. Returns predictions (by method), truth and gene sets.
     """
     from embedstore.build import build_index
     from embedstore.expression import apply_panel, normalize_log1p
     from embedstore.index_folder import load_index
-    from embedstore.prediction import predict, prediction_anndata
+    from embedstore.prediction import predict, prediction_anndata, spatial_libraries
     from embedstore.probe import fit_ridge_probe
 
     train, test = split.train, split.test
@@ -466,10 +466,14 @@ def _run_split(st: Any, split: Split, s: Settings, run_dir: Path) -> tuple[dict[
                     cohort=split.test_cohort,
                     k=k,
                     aggregator=AGGREGATOR_OF[m],
-                    images=False,  # the report draws the maps; six copies of each H&E are not needed
+                    images=False,  # read once below for every method
                 )
             adata.uns[UNS_KEY] = {**dict(adata.uns[UNS_KEY]), **_method_uns(m), "index": index.as_posix()}
             predictions[m] = adata
+    # Every method's file draws over the H&E (lowres only: one copy per method and slide).
+    libraries = spatial_libraries(st, train.encoder["name"], [(split.test_cohort, t) for t in test_slides], hires=False)
+    for adata in predictions.values():
+        adata.uns["spatial"] = libraries
     return predictions, _truth(test, panel), gene_sets
 
 

@@ -60,6 +60,27 @@ def test_every_method_writes_predictions_for_every_query_spot(evaluated):
     assert (result.out / "report.html").is_file()
 
 
+def test_every_methods_file_draws_over_the_query_he(evaluated):
+    """Evaluation predictions carry the same contract as predict's: obs columns and uns['spatial'] per slide."""
+    result, qry = evaluated
+    slides = sorted(p.name for p in (qry / "data" / "ST-imgs").glob("*/*"))
+    columns = None
+    for method in METHODS:
+        adata = ad.read_h5ad(result.out / f"predictions_{method}.h5ad")
+        columns = columns or list(adata.obs.columns)
+        assert list(adata.obs.columns) == columns  # ridge included: one obs contract
+        assert sorted(adata.uns["spatial"]) == slides
+        for lib in adata.uns["spatial"].values():
+            image, scale = lib["images"]["lowres"], lib["scalefactors"]["tissue_lowres_scalef"]
+            assert image.dtype == np.uint8
+            assert max(image.shape[:2]) <= 600
+            # every spot lands inside the image, as scanpy places it
+            xy = adata.obsm["spatial"] * scale
+            assert (xy >= 0).all()
+            assert (xy[:, 0] < image.shape[1]).all()
+            assert (xy[:, 1] < image.shape[0]).all()
+
+
 def test_predictions_are_what_predict_gives_from_the_written_indexes(evaluated):
     """The kNN methods are measured through the public stages: index folders read back by predict()."""
     result, _ = evaluated
