@@ -184,7 +184,11 @@ def _translate(e: BaseException, dest: Path, written: int, size_hint: int) -> Ex
         return disk_full(dest, code, max(written, size_hint))
     # Only a refusal to write where the output goes; a permission error on some input stays as it is.
     where = getattr(e, "filename", None)
-    if isinstance(e, OSError) and e.errno in _NO_ACCESS_ERRNOS and (where is None or str(where).startswith(str(dest.parent))):
+    if (
+        isinstance(e, OSError)
+        and e.errno in _NO_ACCESS_ERRNOS
+        and (where is None or str(where).startswith(str(dest.parent)))
+    ):
         msg = f"{dest}: cannot write here ({e.strerror}); fix the folder's permissions or choose another output path"
         return BadInput(msg)
     return None

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at each record (redirections and captures see it)."""
 

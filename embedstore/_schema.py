@@ -25,8 +25,12 @@ META_ENCODER = "embedstore.encoder"
 META_KIND = "embedstore.kind"
 META_GEOMETRY = "embedstore.geometry"  # JSON: the tile geometry (mpp, size_px, resample) of an embedding file
 META_GENES = "embedstore.genes"  # JSON list of every measured gene of an expression file (zeros are not stored)
-META_N_TILES = "embedstore.n_tiles"  # tiles of the slide (its tile table's rows); a published slide file holds exactly these
-META_SOURCE = "embedstore.source"  # JSON: where a slide file came from and how it was embedded (for `embedstore check --repair`)
+META_N_TILES = (
+    "embedstore.n_tiles"  # tiles of the slide (its tile table's rows); a published slide file holds exactly these
+)
+META_SOURCE = (
+    "embedstore.source"  # JSON: where a slide file came from and how it was embedded (for `embedstore check --repair`)
+)
 
 # AnnData keys of spot and prediction objects (scanpy/squidpy plot obsm["spatial"]).
 OBSM_SPATIAL = "spatial"

@@ -151,7 +151,8 @@ def sql(
 def check(
     store: InputPath,
     repair: Annotated[
-        bool, typer.Option(help="Move damaged files to STORE/_quarantine, clear stale staging, re-embed damaged slides.")
+        bool,
+        typer.Option(help="Move damaged files to STORE/_quarantine, clear stale staging, re-embed damaged slides."),
     ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (for re-embedding).")] = "auto",
 ) -> None:
@@ -230,9 +231,7 @@ def predict(
 def evaluate(
     reference: Annotated[Path, typer.Option(help="Reference ST data set.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for predictions, metrics.json, report.html.")],
-    query: Annotated[
-        Path | None, typer.Option(help="Query ST data set; omit for cross-validation.")
-    ] = None,
+    query: Annotated[Path | None, typer.Option(help="Query ST data set; omit for cross-validation.")] = None,
     encoder: Annotated[str | None, typer.Option(help="Encoder name; the built-in one by default.")] = None,
     weights: Annotated[str | None, typer.Option(help="Encoder weights (see embed).")] = None,
     store: Annotated[Path | None, typer.Option(help="Store to embed into; OUT/store by default.")] = None,
@@ -253,9 +252,7 @@ def evaluate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
-    data: Annotated[
-        Path | None, typer.Option(help="A real ST data set instead of the synthetic one.")
-    ] = None,
+    data: Annotated[Path | None, typer.Option(help="A real ST data set instead of the synthetic one.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole pipeline offline: synthetic cohort (or --data), embed, align, index, predict, evaluate."""

@@ -557,9 +557,13 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
             continue
         src = sources[0]
         if not Path(src["data"]).exists():
-            left.append(f"{p.path}: its source {src['data']} is gone; embed slide {p.slide_id} again from where it is now")
+            left.append(
+                f"{p.path}: its source {src['data']} is gone; embed slide {p.slide_id} again from where it is now"
+            )
             continue
-        key = tuple(src.get(k) for k in ("data", "cohort", "encoder", "weights", "mpp", "target_mpp", "size_px", "min_tissue"))
+        key = tuple(
+            src.get(k) for k in ("data", "cohort", "encoder", "weights", "mpp", "target_mpp", "size_px", "min_tissue")
+        )
         todo.setdefault(key, []).append(src["slide_id"])
     for (data, cohort, encoder, weights, mpp, target_mpp, size_px, min_tissue), slide_ids in todo.items():
         try:
@@ -575,7 +579,9 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
             if r.status == "failed":
                 left.append(f"{data}: slide {r.slide_id} could not be re-embedded: {r.reason}")
             elif r.status == "done":
-                repaired.append(f"slide {r.slide_id} of cohort {cohort}: re-embedded from {data} ({r.reason or f'{r.n_tiles} tiles'})")
+                repaired.append(
+                    f"slide {r.slide_id} of cohort {cohort}: re-embedded from {data} ({r.reason or f'{r.n_tiles} tiles'})"
+                )
     after = verify_store(st)
     remaining = [p.line() for p in after.problems] + left
     return CheckReport(st.root, before.n_files, found, repaired, remaining, after.notes)

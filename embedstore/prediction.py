@@ -139,7 +139,9 @@ def spatial_libraries(
     return libraries
 
 
-def _library(st: Any, encoder: str, cohort: str, slide_id: str, sections: dict[str, Any], hires: bool) -> dict[str, Any]:
+def _library(
+    st: Any, encoder: str, cohort: str, slide_id: str, sections: dict[str, Any], hires: bool
+) -> dict[str, Any]:
     """One slide's ``uns['spatial']`` entry, from its recorded source (BadInput when the image cannot be read)."""
     from PIL import Image
 

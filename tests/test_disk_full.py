@@ -16,6 +16,8 @@ from embedstore.index_folder import load_index
 from embedstore.store import open_store
 
 CLI = [sys.executable, "-m", "embedstore"]
+
+
 def run(*args: object, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=False, **kw)
 
@@ -57,7 +59,9 @@ class SmallDisk:
 def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, check=False
+    )
     if mounted.returncode != 0:
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot mount a tmpfs in CI: {mounted.stderr.decode().strip()}")

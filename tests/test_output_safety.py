@@ -15,11 +15,13 @@ import pytest
 
 import embedstore as es
 from embedstore.aligner import load_aligner, save_aligner
-from embedstore.errors import BadInput
 from embedstore.demo import demo
+from embedstore.errors import BadInput
 from embedstore.index_folder import load_index, save_index
 
 CLI = [sys.executable, "-m", "embedstore"]
+
+
 def run(*args: object, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, check=False, **kw)
 

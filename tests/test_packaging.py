@@ -71,7 +71,9 @@ def test_installed_package_lists_and_loads_its_recipes(installed):
     assert not Path(where).is_relative_to(REPO)  # the installed copy, not the repository
     assert json.loads(names) == sorted(p.stem for p in (REPO / "indexes").glob("*.toml"))
     assert encoder == "builtin"
-    cli = subprocess.run([python, "-m", "embedstore", "index", "list"], capture_output=True, text=True, check=False, cwd=tmp)
+    cli = subprocess.run(
+        [python, "-m", "embedstore", "index", "list"], capture_output=True, text=True, check=False, cwd=tmp
+    )
     assert cli.returncode == 0, cli.stderr
     assert "her2st-builtin" in cli.stdout.split()
 

@@ -147,7 +147,9 @@ def test_sections_he_comes_from_the_recorded_image_not_a_reread_of_the_counts(in
     finally:
         hidden.rename(counts)
     assert slide in adata.uns["spatial"]
-    assert adata.uns["spatial"][slide]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(100.0)  # 100 µm at 1 µm/px
+    assert adata.uns["spatial"][slide]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(
+        100.0
+    )  # 100 µm at 1 µm/px
 
 
 def test_in_sample_prediction_warns_unless_own_slide_is_left_out(index, store, cohort, caplog):

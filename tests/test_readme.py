@@ -204,7 +204,7 @@ def usage_run(workdir):
 
 
 def test_usage_commands(usage_run, workdir):
-    for line, (rc, out, err) in usage_run.items():
+    for line, (_rc, out, err) in usage_run.items():
         if line.startswith(GATED):
             continue
         check = next(c for p, c in CHECKS if line.startswith(p))
@@ -212,7 +212,7 @@ def test_usage_commands(usage_run, workdir):
 
 
 def test_gated_encoder_line_says_how_to_get_weights(usage_run):
-    ((rc, out, err),) = [v for line, v in usage_run.items() if line.startswith(GATED)]
+    ((rc, _out, err),) = [v for line, v in usage_run.items() if line.startswith(GATED)]
     if rc == 0:  # weights cached on this machine
         return
     lines = err.strip().splitlines()

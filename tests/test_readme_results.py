@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_readme import README
 
 pytestmark = pytest.mark.slow
@@ -33,7 +32,9 @@ COLUMNS = {
 def results_sections() -> list[tuple[str, list[dict[str, str]]]]:
     """(command, rows) of each README results table: the command is the one in the table's caption."""
     found = []
-    for caption, table in re.findall(r"^\*\*[^\n]*?— `(embedstore evaluate [^`]+)`[^\n]*\n\n((?:\|[^\n]*\n)+)", README, re.M):
+    for caption, table in re.findall(
+        r"^\*\*[^\n]*?— `(embedstore evaluate [^`]+)`[^\n]*\n\n((?:\|[^\n]*\n)+)", README, re.M
+    ):
         lines = [ln.strip().strip("|").split("|") for ln in table.strip().splitlines()]
         head = [c.strip() for c in lines[0]]
         rows = [dict(zip(head, (c.strip().replace("**", "") for c in ln), strict=True)) for ln in lines[2:]]

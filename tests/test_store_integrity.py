@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from cli_helpers import assert_one_line_error, run
 
+from embedstore.build import build_index
 from embedstore.embedding import check_store, embed
 from embedstore.errors import BadInput, DamagedFile, GeometryMismatch
 from embedstore.prediction import predict
-from embedstore.build import build_index
 from embedstore.store import open_store, verify_store
 from embedstore.testing import write_synthetic_slide
 
