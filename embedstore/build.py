@@ -234,17 +234,7 @@ def build_reference_index(
     groups = ref.column(group_col).astype(str)
     model = None
     if aligner is not None:
-        cfg = aligner_mod.AlignerConfig.from_dict(
-            {
-                **aligner,
-                "encoder_name": ref.encoder.get("name", ""),
-                "encoder_fingerprint": ref.encoder.get("fingerprint", ""),
-                "geometry": ref.encoder.get("geometry"),
-                "genes": list(panel.genes),
-                "panel_method": panel.method,
-            },
-            where="aligner settings",
-        )
+        cfg = _aligner_config(aligner, ref, panel)
         with stage("training the aligner on %d spots x %d genes", len(expr), len(panel)):
             model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
     else:
@@ -390,7 +380,18 @@ def train_aligner(
     ref = load_reference(store, encoder, cohort=cohort)
     panel = select_panel(ref.counts, ref.genes, method=panel_method, n=n_genes)
     expr = apply_panel(normalize_log1p(ref.counts), ref.genes, panel)
-    cfg = aligner_mod.AlignerConfig.from_dict(
+    cfg = _aligner_config(settings, ref, panel)
+    groups = ref.column(ref.group_column(group_by)).astype(str)
+    with stage("training the aligner on %d spots x %d genes", len(expr), len(panel)):
+        model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
+    return aligner_mod.save_aligner(model, out)
+
+
+def _aligner_config(settings: dict[str, Any], ref: Reference, panel: Any) -> Any:
+    """The aligner's config: the given settings plus what the reference fixes (encoder, geometry, genes)."""
+    from embedstore import aligner as aligner_mod
+
+    return aligner_mod.AlignerConfig.from_dict(
         {
             **settings,
             "encoder_name": ref.encoder.get("name", ""),
@@ -401,7 +402,3 @@ def train_aligner(
         },
         where="aligner settings",
     )
-    groups = ref.column(ref.group_column(group_by)).astype(str)
-    with stage("training the aligner on %d spots x %d genes", len(expr), len(panel)):
-        model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
-    return aligner_mod.save_aligner(model, out)
