@@ -282,3 +282,17 @@ def test_readme_paths_exist():
         assert (ROOT / rel.rstrip(".")).exists(), f"README names {rel}, which does not exist"
     for path in re.findall(r"`(\.ci/run|constraints\.txt|BENCHMARKS\.md|pyproject\.toml)`", README):
         assert (ROOT / path).exists()
+
+
+def test_evaluation_files_are_reproduced_by_the_predict_line(usage_run, workdir):
+    """The Evaluation section's `predict` line, with DIR the usage block's eval/, gives predictions_idw.h5ad."""
+    import anndata as ad
+    import numpy as np
+
+    (line,) = re.findall(r"`(embedstore predict --index DIR/indexes/aligned [^`]+)`", README)
+    r = _sh(line.replace("DIR/", "eval/"), workdir)
+    _ok(r, line)
+    got = ad.read_h5ad(workdir / "idw.h5ad")
+    want = ad.read_h5ad(workdir / "eval" / "predictions_idw.h5ad")
+    assert list(got.obs_names) == list(want.obs_names)
+    np.testing.assert_array_equal(got.X, want.X)
