@@ -8,6 +8,16 @@ import embedstore as es
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# The longest test files start first: pytest-xdist hands files to its two workers in this
+# order, so the workers finish together instead of one running the README alone at the end.
+LONGEST_FIRST = ("test_readme.py", "test_readme_setup.py", "test_evaluation.py", "test_offline_hub.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not SHARED.is_dir():

@@ -4,7 +4,8 @@ The README is parsed, not copied: each ```bash line, the ```python block and eac
 the ```sql block run in one working folder laid out as the README assumes (``../shared/data``
 beside it, a slide ``slide.svs``, a folder of slides with its ``mpp.csv``, two ST data sets
 ``ref/`` and ``heldout/``). Each command must have a check below, so a new README line cannot go
-untested. The long "Results" commands are in ``test_readme_results.py`` (``-m slow``).
+untested. The set-up commands are run by ``test_readme_setup.py``, the long "Results" commands
+by ``test_readme_results.py`` (``-m slow``).
 """
 
 from __future__ import annotations
@@ -255,25 +256,6 @@ def test_sql_block(usage_run, workdir):
             assert sims[0] == pytest.approx(1.0, abs=1e-5)  # the query tile itself comes first
         if "erbb2" in rows[0]:
             assert rows[0]["erbb2"] > 100  # ERBB2 is the defining gene of this HER2+ tumour
-
-
-def test_setup_commands(workdir):
-    """The README's two set-up commands: the demo runs as written; the test command is what CI runs."""
-    (block,) = [b for b in fenced("bash") if "scripts/bootstrap" in b]
-    demo_line, test_line = command_lines(block)
-    boot, demo = (part.strip() for part in demo_line.split("&&"))
-    assert boot == "scripts/bootstrap"
-    _ok(_sh(boot, ROOT), boot)  # idempotent: a no-op when .venv is current
-    out = _ok(_sh(demo, workdir, timeout=1200), demo)
-    assert "learned" in out
-    assert (workdir / "demo-out" / "report.html").is_file()
-    assert (workdir / "demo-out" / "metrics.json").is_file()
-    # The test command runs this suite itself; check that CI runs exactly it.
-    ci = (ROOT / ".ci" / "run").read_text()
-    boot2, pytest_cmd = (part.strip() for part in test_line.split("&&"))
-    assert boot2 == "scripts/bootstrap"
-    assert "scripts/bootstrap" in ci
-    assert pytest_cmd in ci.splitlines()
 
 
 def test_readme_paths_exist():
