@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from embedstore._atomic import disk_full, disk_full_errno
 from embedstore._params import validated
+from embedstore._progress import counter, step
 from embedstore._schema import Col, describe_geometry, geometry
 from embedstore.errors import (
     BadInput,
@@ -189,7 +190,7 @@ def embed(
     loader
         ``"threads"``, ``"processes"`` or ``"auto"``; see :func:`iterate_batches`.
     progress
-        Show a progress bar with tiles/s.
+        Show progress: a line per slide, and a bar with tiles/s on a terminal.
     slide_ids
         Embed only these slides (or ST sections) of ``data``; all by default.
 
@@ -277,6 +278,8 @@ def embed(
                 results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, reason)
             else:
                 results[job.slide_id] = SlideResult(job.slide_id, "done", n, time.perf_counter() - start)
+                if progress:
+                    step("%s: %d tiles embedded (%.1f s)", job.slide_id, n, time.perf_counter() - start)
         return True
 
     for job in jobs:
@@ -370,7 +373,7 @@ def _embed_slide(
     if len(done):
         LOG.info("%s: resuming, %d of %d tiles already staged", job.slide_id, len(ids) - len(todo), len(ids))
     reader = tiling.TileReader(job.path, tiles, mpp=job.mpp)
-    bar = _progress(len(todo), f"{job.slide_id}", progress)
+    bar = counter(len(todo) if progress else 0, job.slide_id, unit="tile")
     for rows, batch in iterate_batches(reader, todo, enc.transform(), batch_size, workers, loader):
         embeddings = enc.forward(batch)
         writer.append(tiles.take(pa.array(rows)), embeddings)
@@ -459,22 +462,6 @@ class _Collate:
         rows = np.fromiter((r for r, _ in items), dtype=np.int64, count=len(items))
         tiles = np.stack([t for _, t in items])
         return rows, self.transform(tiles)
-
-
-def _progress(total: int, label: str, enabled: bool) -> Callable[..., None]:
-    """A tqdm bar showing tiles/s, or a no-op when disabled."""
-    if not enabled or total == 0:
-        return lambda n, close=False: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=label, unit="tile", leave=False, dynamic_ncols=True)
-
-    def update(n: int, close: bool = False) -> None:
-        bar.update(n)
-        if close:
-            bar.close()
-
-    return update
 
 
 @dataclasses.dataclass

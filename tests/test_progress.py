@@ -32,3 +32,15 @@ def test_progress_lines_follow_a_redirected_stderr(monkeypatch):
     finally:
         logging.getLogger("embedstore.progress").setLevel(logging.INFO)
     assert "hidden" not in buffer.getvalue()
+
+
+def test_embed_says_a_line_per_slide_and_nothing_when_quiet(cohort, tmp_path):
+    shown = run("embed", cohort.root, "--store", tmp_path / "a", "--workers", "0")
+    assert shown.returncode == 0, shown.stderr
+    for section in cohort.sections:
+        assert f"embedstore: {section.section}: " in shown.stderr
+    assert "tile/s" not in shown.stderr  # no bar written into a pipe or a log file
+    quiet = run("--quiet", "embed", cohort.root, "--store", tmp_path / "b", "--workers", "0")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "embedstore: " not in quiet.stderr  # warnings stay; progress goes
+    assert "tile/s" not in quiet.stderr
