@@ -19,7 +19,7 @@ ORDER = [
     "store",
     "embedding",
     "_knn", "_adamw", "_training", "_aggregator_nets", "_aligner_nets", "aggregate", "aligner",
-    "index", "index_folder",
+    "index", "index_folder", "tile_index", "retrieval",
     "build",
     "scoring", "_report_plots", "report",
     "prediction",
@@ -96,3 +96,19 @@ def test_format_modules_stay_light():
         if hit:
             bad.append(f"{path.relative_to(PACKAGE)} imports {sorted(hit)}")
     assert not bad, "\n".join(bad)
+
+
+def test_sql_on_a_store_loads_no_compute_library(tmp_path):
+    """The store finds nearest tiles with FAISS, loaded only when a search runs: plain SQL stays light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, embedstore as es, numpy as np\n"
+        "from embedstore.store import open_store\n"
+        f"st = open_store({str(tmp_path / 'store')!r}, read_only=False)\n"
+        "print(st.sql('SELECT count(*) AS n FROM slides').n[0])\n"
+        "print(sorted(m for m in ('faiss', 'torch', 'anndata') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["0", "[]"]

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from embedstore._schema import Col, embedding_schema, expression_schema, spots_schema
 from embedstore.errors import BadInput
+from embedstore.store import _retrieval_sql
 from embedstore.store._integrity import inspect_slide_file, inspect_table_file, repair_hint
 from embedstore.store._layout import EMBEDDING_KEYS, SECTION_KEYS
 
@@ -76,6 +77,10 @@ _CONFIG = {
     "temp_directory": "",
 }
 _VIEWS = "embeddings_<encoder>, embeddings (one-encoder stores), encoders, slides, spots, expression"
+_UDF_ERROR = re.compile(
+    r"Python exception occurred while executing the UDF: (?:BadInput|DamagedFile|FingerprintMismatch|"
+    r"GeometryMismatch|MissingDependency): (.*)"
+)
 _NO_EMBEDDINGS_VIEW = re.compile(r"Table with name embeddings does not exist", re.IGNORECASE)
 
 
@@ -132,6 +137,7 @@ class Catalog:
         for name, body in self.views.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
         con.execute("CREATE OR REPLACE MACRO cosine(a, b) AS array_cosine_similarity(a, b)")
+        _retrieval_sql.install(con, self.root)
 
     def refresh(self) -> None:
         """List the files again and rebuild the views (in the writable session too)."""
@@ -266,6 +272,9 @@ def _sql_error(catalog: Catalog, e: BaseException) -> BadInput:
     own = re.match(r"Invalid Input Error: (embeddings_\w+: .*)", text)
     if own:  # the per-encoder view's fingerprint guard says it all
         return BadInput(own.group(1))
+    ours = _UDF_ERROR.search(text)
+    if ours:  # nearest_tiles / similar_tiles raised one of embedstore's own one-line errors
+        return BadInput(ours.group(1))
     if len(catalog.encoders) > 1 and _NO_EMBEDDINGS_VIEW.search(text):
         listed = ", ".join(f"{i['view']} ({i['dim']}-d)" for i in catalog.encoders if i["view"])
         clash = [i["encoder"] for i in catalog.encoders if not i["view"]]
@@ -295,7 +304,7 @@ def _sql_error(catalog: Catalog, e: BaseException) -> BadInput:
             f"and `embedstore check {catalog.root} --repair` rebuilds it"
         )
     else:
-        msg = f"query: {text}; fix the SQL (views: {_VIEWS}; macro cosine(a, b))"
+        msg = f"query: {text}; fix the SQL (views: {_VIEWS}; macros cosine(a, b), nearest_tiles, similar_tiles)"
     return BadInput(msg)
 
 
