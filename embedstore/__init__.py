@@ -21,6 +21,8 @@ _EXPORTS = {
     "open_store": "embedstore.store",
     "train_aligner": "embedstore.build",
     "build_index": "embedstore.build",
+    "build_tile_index": "embedstore.tile_index",
+    "search": "embedstore.retrieval",
     "load_index": "embedstore.index_folder",
     "predict": "embedstore.prediction",
     "evaluate": "embedstore.evaluation",

@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Predict spatial gene expression from H&E: tile, embed once, align, index, predict, evaluate.",
 )
-index_app = typer.Typer(no_args_is_help=True, help="Build and inspect exemplar indexes.")
+index_app = typer.Typer(no_args_is_help=True, help="Build and inspect exemplar indexes and a store's tile index.")
 app.add_typer(index_app, name="index")
 
 # Paths are checked by the library, which names the file and the fix in one line (exit 2);
@@ -194,6 +194,62 @@ def index_list() -> None:
 
     for name in list_recipes():
         typer.echo(name)
+
+
+@index_app.command("tiles")
+def index_tiles(
+    store: Annotated[Path, typer.Option(help="Store whose embedded tiles to index.")],
+    encoder: Annotated[
+        str | None, typer.Option(help="Encoder whose tiles to index; the store's only one by default.")
+    ] = None,
+    rebuild: Annotated[bool, typer.Option(help="Build from scratch instead of updating.")] = False,
+    target_recall: Annotated[
+        float, typer.Option(help="Recall@10 the search settings must reach on held-out tiles.")
+    ] = 0.95,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] for building.")] = "auto",
+) -> None:
+    """Build or update the tile index of a store (nearest-tile search in SQL and `embedstore search`)."""
+    from embedstore.tile_index import build_tile_index
+
+    report = build_tile_index(store, encoder, rebuild=rebuild, target_recall=target_recall, device=device)
+    typer.echo(report.summary())
+    typer.echo(f"index -> {report.path}")
+
+
+@app.command()
+def search(
+    store: Annotated[Path, typer.Option(help="Store to search.")],
+    slide: Annotated[str | None, typer.Option(help="Query by a stored tile: its slide id (with --tile).")] = None,
+    tile: Annotated[str | None, typer.Option(help="Query by a stored tile: its tile id, x_y (with --slide).")] = None,
+    image: Annotated[Path | None, typer.Option(help="Query by a picture of one tile at the store's µm/px.")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Tiles to return.")] = 20,
+    encoder: Annotated[
+        str | None, typer.Option(help="Encoder whose tiles to search; the store's only one by default.")
+    ] = None,
+    cohort: Annotated[str | None, typer.Option(help="Search only this cohort.")] = None,
+    exclude_slide: Annotated[list[str] | None, typer.Option(help="Leave out this slide's tiles (repeatable).")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Encoder weights for --image; where the store records them by default.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Parquet file to write the hits to.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG mosaic of the query and its hits, read from the slides.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] for encoding --image.")] = "auto",
+) -> None:
+    """Find the tiles of a store that look like a stored tile or a picture (content-based retrieval)."""
+    from embedstore.retrieval import search as run_search
+
+    hits = run_search(
+        store, slide=slide, tile=tile, image=image, k=k, encoder=encoder, cohort=cohort,
+        exclude_slides=exclude_slide, weights=weights, out=out, plot=plot, device=device,
+    )  # fmt: skip
+    shown = ["rank", "cohort", "slide_id", "tile_id", "score"]
+    typer.echo(hits.select(shown).to_pandas().to_string(index=False))
+    if out:
+        typer.echo(f"{hits.num_rows} hits -> {out}")
+    if plot:
+        typer.echo(f"mosaic -> {plot}")
 
 
 @app.command()

@@ -77,3 +77,36 @@ def test_bad_spot_table_is_one_line_exit_2(synthetic_cohort, tmp_path):
     result = run("embed", root, "--store", tmp_path / "store", "--workers", "0")
     assert_one_line_error(result, f"{section}.tsv.gz", "duplicate")
     assert not (tmp_path / "store" / "embeddings").exists()
+
+
+def test_index_tiles_builds_then_updates(store):
+    built = run("index", "tiles", "--store", store)
+    assert built.returncode == 0, built.stderr
+    assert "tile index built" in built.stdout
+    assert f"index -> {store / 'tile_indexes' / 'encoder=builtin'}" in built.stdout
+    again = run("index", "tiles", "--store", store)
+    assert again.returncode == 0, again.stderr
+    assert "tile index up to date" in again.stdout
+
+
+def test_search_round_trip(store, tmp_path):
+    import embedstore as es
+
+    first = es.sql(store, "SELECT slide_id, tile_id FROM embeddings ORDER BY slide_id, tile_id LIMIT 1")
+    slide, tile = first.slide_id[0], first.tile_id[0]
+    out, plot = tmp_path / "hits.parquet", tmp_path / "hits.png"
+    result = run("search", "--store", store, "--slide", slide, "--tile", tile, "-k", 5, "--out", out, "--plot", plot)
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(out).equals(es.search(store, slide=slide, tile=tile, k=5))
+    assert f"5 hits -> {out}" in result.stdout
+    assert f"mosaic -> {plot}" in result.stdout
+    assert tile in result.stdout.splitlines()[1]  # the first hit, printed under the header
+    assert Image.open(plot).size == (6 * 200, 240)
+
+
+def test_search_bad_input_is_one_line_exit_2(store, tmp_path):
+    assert_one_line_error(run("search", "--store", store), "search: give one query")
+    both = run("search", "--store", store, "--slide", "A1", "--tile", "1_1", "--image", tmp_path / "x.png")
+    assert_one_line_error(both, "search: give one query")
+    assert_one_line_error(run("search", "--store", store, "--image", tmp_path / "none.png"), "none.png", "no such file")
+    assert_one_line_error(run("search", "--store", store, "--slide", "A1", "--tile", "1_1"), "tile 1_1", "slide A1")
