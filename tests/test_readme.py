@@ -140,6 +140,26 @@ def _check_index_build(work: Path, out: str, err: str) -> None:
     assert "epoch" in err  # progress shown by default
 
 
+def _check_index_tiles(work: Path, out: str, err: str) -> None:
+    import json
+
+    manifest = json.loads((work / "store" / "tile_indexes" / "encoder=builtin" / "manifest.json").read_text())
+    covered = sorted(e["slide_id"] for e in manifest["slides"])
+    assert covered == sorted([*HER2ST_SECTIONS, "S0", "S1"])
+    assert manifest["search"]["recall"] >= 0.95
+    assert "tile index built" in out
+
+
+def _check_search(work: Path, out: str, err: str) -> None:
+    import pyarrow.parquet as pq
+
+    hits = pq.read_table(work / "hits.parquet").to_pylist()
+    assert len(hits) == 11
+    assert (hits[0]["slide_id"], hits[0]["spot_id"]) == ("C2", "23x26")  # the query tile itself first
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert (work / "hits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _check_predict(work: Path, out: str, err: str) -> None:
     import anndata as ad
     import numpy as np
@@ -169,6 +189,8 @@ CHECKS: list[tuple[str, Callable[[Path, str, str], None]]] = [
     ("embedstore embed ../shared/data/her2st --store store", _check_embed_her2st),
     ("embedstore embed slides/ --store store --mpp-csv mpp.csv", _check_embed_slides),
     ("embedstore sql store", _check_sql),
+    ("embedstore index tiles --store store --encoder builtin", _check_index_tiles),
+    ("embedstore search --store store --encoder builtin --slide C2", _check_search),
     ("embedstore index build her2st-builtin", _check_index_build),
     ("embedstore predict", _check_predict),
     ("embedstore evaluate --reference ref/ --query heldout/", _check_evaluate),
@@ -239,6 +261,9 @@ def test_python_block(usage_run, workdir, monkeypatch, capsys):
     rows = [order[tile] for tile in t.column("tile_id").to_pylist()]
     np.testing.assert_array_equal(scope["X_sql"], X[rows])
     assert X.shape[0] > 150
+    hits = scope["hits"].to_pylist()
+    assert len(hits) == 10
+    assert not {h["slide_id"] for h in hits} & {"C2"}
 
 
 def test_sql_block(usage_run, workdir):
@@ -256,6 +281,14 @@ def test_sql_block(usage_run, workdir):
             assert sims[0] == pytest.approx(1.0, abs=1e-5)  # the query tile itself comes first
         if "erbb2" in rows[0]:
             assert rows[0]["erbb2"] > 100  # ERBB2 is the defining gene of this HER2+ tumour
+        if "_tiles(" in query:  # the tile index's functions: best first, filters inside the search
+            scores = [r["score"] for r in rows if "score" in r]
+            assert scores == sorted(scores, reverse=True)
+            assert len(rows) == (5 if "k := 5" in query else 10)
+            if "similar_tiles('C2'" in query:
+                assert (rows[0]["slide_id"], rows[0]["spot_id"]) == ("C2", "23x26")
+            if "exclude_slides := ['C2']" in query and "slide_id" in rows[0]:
+                assert "C2" not in {r["slide_id"] for r in rows}
 
 
 def test_readme_paths_exist():

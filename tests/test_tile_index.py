@@ -16,7 +16,7 @@ import embedstore.store._tile_search as search
 import embedstore.tile_index as ti
 from embedstore._knn import l2_normalize
 from embedstore._schema import Col
-from embedstore.errors import BadInput, DamagedFile
+from embedstore.errors import BadInput, DamagedFile, FingerprintMismatch
 from embedstore.store import open_store
 from embedstore.store._files import file_lock
 
@@ -290,3 +290,16 @@ def test_a_failed_update_leaves_the_old_index_in_place(store, monkeypatch):
         ti.build_tile_index(store)
     assert tree_digest(folder) == before
     assert sorted(p.name for p in folder.parent.iterdir()) == ["encoder=toy"]
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_slide_of_other_weights_under_the_same_name_is_one_line(store, indexed):
+    if indexed:
+        ti.build_tile_index(store)
+    write(store, "c2", "Z", 20, seed=5, meta={**META, "fingerprint": "0" * 16})
+    path = store.root / "embeddings/encoder=toy/cohort=c2/slide_id=Z/tiles.parquet"
+    with pytest.raises(FingerprintMismatch) as e:
+        ti.nearest_tiles(store.root, QUERIES, 3)
+    assert str(path) in str(e.value)
+    assert "\n" not in str(e.value)
+    assert ti.nearest_tiles(store.root, QUERIES, 3, exclude_slides=["Z"]).num_rows == 3 * len(QUERIES)
