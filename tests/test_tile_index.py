@@ -303,3 +303,20 @@ def test_a_slide_of_other_weights_under_the_same_name_is_one_line(store, indexed
     assert str(path) in str(e.value)
     assert "\n" not in str(e.value)
     assert ti.nearest_tiles(store.root, QUERIES, 3, exclude_slides=["Z"]).num_rows == 3 * len(QUERIES)
+
+
+def test_check_says_when_the_tile_index_is_behind_or_damaged(store):
+    from embedstore.store import verify_store
+
+    ti.build_tile_index(store)
+    assert not [n for n in verify_store(store).notes if "tile index" in n]
+    write(store, "c2", "E", 30, seed=10)
+    (note,) = [n for n in verify_store(store).notes if "tile index" in n]
+    assert "1 slide(s) embedded or changed" in note
+    assert "embedstore index tiles" in note
+    ti.build_tile_index(store)
+    path = ti.index_folder(store.root, "toy") / "index.faiss"
+    path.write_bytes(path.read_bytes()[:-10])
+    (note,) = [n for n in verify_store(store).notes if "index.faiss" in n]
+    assert "--rebuild" in note
+    assert not verify_store(store).problems  # the index is derived: rebuilt, never a store problem

@@ -140,9 +140,38 @@ def verify_store(store: Any) -> StoreCheck:
             "as well as in their folder names; embedstore reads them, but pandas rejects those folders "
             "(embed the slides into a new store to rewrite them)"
         )
+    notes.extend(_tile_index_notes(root))
     held = [p for p in (root / QUARANTINE).rglob("*") if p.is_file()] if (root / QUARANTINE).is_dir() else []
     if held:
         notes.append(
             f"{root / QUARANTINE}: {len(held)} file(s) moved aside by earlier repairs; delete them when not needed"
         )
     return StoreCheck(root, n_files, problems, notes)
+
+
+def _tile_index_notes(root: Path) -> list[str]:
+    """A line per tile index that is behind the store or unreadable, with the command that fixes it."""
+    from embedstore.store import _tile_search as ts
+
+    notes = []
+    for folder in sorted((root / ts.FOLDER).glob("encoder=*")):
+        encoder = folder.name.split("=", 1)[1]
+        hint = ts.update_hint(root, encoder)
+        try:
+            manifest = ts.read_manifest(folder, encoder)
+            if manifest is None:
+                continue
+            ts.read_tiles(folder, manifest)
+            if (folder / ts.INDEX_FILE).stat().st_size != manifest.get("files", {}).get(ts.INDEX_FILE):
+                raise ts.damaged(folder, ts.INDEX_FILE, "not the size its manifest records")
+        except (BadInput, OSError) as e:
+            notes.append(f"{e}".split("; rebuild it")[0] + f"; searches scan the files instead: `{hint} --rebuild`")
+            continue
+        covered = {(e["cohort"], e["slide_id"], tuple(e["version"])) for e in manifest["slides"]}
+        present = {(s.cohort, s.slide_id, s.version) for s in ts.list_slides(root, encoder)}
+        if covered != present:
+            notes.append(
+                f"{folder}: tile index behind the store ({len(present - covered)} slide(s) embedded or changed "
+                f"since, searched exactly until then; {len(covered - present)} gone); `{hint}` updates it"
+            )
+    return notes

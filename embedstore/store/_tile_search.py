@@ -169,7 +169,8 @@ def version_now(ref: SlideRef) -> tuple[int, int, int] | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def _damaged(folder: Path, name: str, problem: str, manifest: dict[str, Any] | None) -> DamagedFile:
+def damaged(folder: Path, name: str, problem: str) -> DamagedFile:
+    """A :class:`DamagedFile` for a file of the tile index at ``folder``, advising the rebuild."""
     root = folder.parent.parent
     enc = folder.name.split("=", 1)[1]
     return DamagedFile(folder / name, problem, f"rebuild it: {update_hint(root, enc)} --rebuild")
@@ -180,16 +181,14 @@ def read_index(folder: Path, manifest: dict[str, Any], mmap: bool) -> Any:
     path = folder / INDEX_FILE
     want = manifest.get("files", {}).get(INDEX_FILE)
     if not path.is_file() or (want is not None and path.stat().st_size != want):
-        raise _damaged(folder, INDEX_FILE, "missing or not the size its manifest records", manifest)
+        raise damaged(folder, INDEX_FILE, "missing or not the size its manifest records")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and not manifest["search"].get("exact") else 0
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as e:
-        raise _damaged(folder, INDEX_FILE, f"unreadable ({str(e).strip().splitlines()[-1][:120]})", manifest) from e
+        raise damaged(folder, INDEX_FILE, f"unreadable ({str(e).strip().splitlines()[-1][:120]})") from e
     if index.ntotal != manifest["n_tiles"] or index.d != manifest["encoder"]["dim"]:
-        raise _damaged(
-            folder, INDEX_FILE, f"holds {index.ntotal} vectors of dim {index.d}, its manifest says otherwise", manifest
-        )
+        raise damaged(folder, INDEX_FILE, f"holds {index.ntotal} vectors of dim {index.d}, its manifest says otherwise")
     ivf = ivf_of(faiss, index)
     if ivf is not None and manifest["search"].get("nprobe"):
         ivf.nprobe = int(manifest["search"]["nprobe"])
@@ -208,9 +207,9 @@ def read_tiles(folder: Path, manifest: dict[str, Any]) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
-        raise _damaged(folder, TILES_FILE, f"unreadable ({str(e).splitlines()[0][:120]})", manifest) from e
+        raise damaged(folder, TILES_FILE, f"unreadable ({str(e).splitlines()[0][:120]})") from e
     if table.num_rows != manifest["n_tiles"] or table.column_names != ["id", *HIT_COLUMNS]:
-        raise _damaged(folder, TILES_FILE, "rows or columns differ from what its manifest records", manifest)
+        raise damaged(folder, TILES_FILE, "rows or columns differ from what its manifest records")
     return table
 
 
