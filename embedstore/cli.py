@@ -119,7 +119,10 @@ def sql(
     store: InputPath,
     query: Annotated[
         str,
-        typer.Argument(help="SQL over the views embeddings_<encoder>, encoders, slides, spots, expression."),
+        typer.Argument(
+            help="SQL over the views embeddings_<encoder>, encoders, slides, spots, expression, and the "
+            "table functions nearest_tiles(vector, k := 10) and similar_tiles(slide_id, tile_id, k := 10)."
+        ),
     ],
     output: Annotated[str, typer.Option(help="table, csv or json.")] = "table",
     write: Annotated[

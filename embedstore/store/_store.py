@@ -505,7 +505,10 @@ class Store:
     def sql(self, query: str, params: Any = None, output: str = "pandas") -> Any:
         """Run SQL in DuckDB over the views ``embeddings_<encoder>`` (one per encoder, vectors as
         ``FLOAT[dim]``), ``embeddings`` (only in a store of one encoder), ``encoders``, ``slides``
-        (all encoders), ``spots``, ``expression`` (macro ``cosine(a, b)``).
+        (all encoders), ``spots``, ``expression`` (macro ``cosine(a, b)``), and the nearest-tile
+        table functions ``nearest_tiles(vector, k := 10)`` and ``similar_tiles(slide_id, tile_id,
+        k := 10)`` (options ``encoder``, ``cohort``, ``slides``, ``exclude_slides``), served by the
+        tile index where there is one (:mod:`embedstore.store._tile_search`).
 
         DuckDB itself confines the query: it installs and loads no extension, cannot change its
         settings, and opens no file but through the views. Read-only (the default), each query
@@ -555,6 +558,7 @@ def sql(store: str | Path, query: str, params: Any = None, output: str = "pandas
     """Run read-only SQL on a store: ``open_store(store).sql(query, params, output)``.
 
     Views: ``embeddings_<encoder>`` (``embeddings`` in a one-encoder store), ``slides``,
-    ``encoders``, ``spots``, ``expression``; macro ``cosine(a, b)``. See :meth:`Store.sql`.
+    ``encoders``, ``spots``, ``expression``; macro ``cosine(a, b)``; table functions
+    ``nearest_tiles`` and ``similar_tiles``. See :meth:`Store.sql`.
     """
     return open_store(store).sql(query, params=params, output=output)
