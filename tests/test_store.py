@@ -445,3 +445,29 @@ def test_fast_read_over_many_pages_and_row_groups_equals_pyarrow(store, monkeypa
             s for s, t in zip(order, generic, strict=True) for _ in range(t.num_rows)
         ]
         assert meta.column(Col.TILE_ID).to_pylist() == [i for t in generic for i in t.column(0).to_pylist()]
+
+
+def test_footer_checks_are_remembered_per_file_version_only(store, monkeypatch):
+    from embedstore.errors import DamagedFile
+    from embedstore.store import _integrity
+
+    write_slide(store, "S1", 40)
+    path = store.root / "embeddings/encoder=toy/cohort=c1/slide_id=S1/tiles.parquet"
+    old = time.time() - 60
+    os.utime(path, (old, old))  # written a minute ago: settled
+    calls = []
+    real = _integrity.inspect_footer
+    monkeypatch.setattr(_integrity, "inspect_footer", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for _ in range(3):
+        _integrity.inspect_slide_file(path, "fix")
+    assert len(calls) == 1
+    data = bytearray(path.read_bytes())
+    data[-12:-8] = b"\xff\xff\xff\xff"  # footer length: same size, another file
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFile):
+        _integrity.inspect_slide_file(path, "fix")
+    fresh = store.root / "embeddings/encoder=toy/cohort=c1/slide_id=S2/tiles.parquet"
+    write_slide(store, "S2", 20)  # just written: checked every time until it settles
+    _integrity.inspect_slide_file(fresh, "fix")
+    _integrity.inspect_slide_file(fresh, "fix")
+    assert len(calls) == 4

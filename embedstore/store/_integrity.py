@@ -184,7 +184,34 @@ def _geometry(path: Path, md: pq.FileMetaData, kv: dict[str, str], fix: str) -> 
     return geom
 
 
+# Footers that passed inspect_slide_file, by file version: SQL sessions and searches list every
+# slide file of a store each time, and re-reading unchanged footers was most of that cost. A
+# rewritten file has another size, mtime or inode and is inspected again.
+_INSPECTED: dict[tuple[str, int, int, int, bool], SlideFile] = {}
+_INSPECTED_MAX = 16_384
+_SETTLED_NS = 2_000_000_000
+
+
 def inspect_slide_file(path: Path, fix: str, part: bool = False) -> SlideFile:
+    """:func:`inspect_footer` of ``path``, remembered per process for the file's (size, mtime, inode)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return inspect_footer(path, fix, part)  # missing: inspect_footer names it
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, part)
+    hit = _INSPECTED.get(key)
+    if hit is None:
+        hit = inspect_footer(path, fix, part)
+        # As git does with its index: a file written in the last seconds could be rewritten
+        # within the same (coarse) mtime tick, so only older files are remembered.
+        if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
+            if len(_INSPECTED) >= _INSPECTED_MAX:
+                _INSPECTED.pop(next(iter(_INSPECTED)))
+            _INSPECTED[key] = hit
+    return hit
+
+
+def inspect_footer(path: Path, fix: str, part: bool = False) -> SlideFile:
     """Cheap validation of an embedding file from its footer alone (plus two small columns without statistics).
 
     Parameters
