@@ -184,6 +184,7 @@ def build_reference_index(
     keys: str = "expression",
     factory: str = "auto",
     nprobe: int | None = None,
+    target_recall: float = 0.95,
     aggregator: str = "mean",
     aggregator_params: dict[str, Any] | None = None,
     k: int = 50,
@@ -204,8 +205,9 @@ def build_reference_index(
         indexes raw image embeddings ("kNN on raw embeddings").
     keys
         ``"expression"`` (BLEEP) or ``"image"`` (EGN) exemplar keys.
-    factory, nprobe
-        FAISS factory string (``"auto"`` picks by size) and IVF probes.
+    factory, nprobe, target_recall
+        FAISS factory string (``"auto"`` picks by size and codec) and IVF probes (None: the
+        fewest reaching ``target_recall`` at ``k`` on held-out exemplars).
     aggregator, aggregator_params, k
         Default aggregator of the index; ``"learned"`` trains it here.
     group_by
@@ -245,7 +247,7 @@ def build_reference_index(
         ref.column(Col.SLIDE_ID), ref.column(Col.SPOT_ID), ref.column(Col.PATIENT),
         aligner=model, keys=keys, factory=None if factory == "auto" else factory,
         encoder=ref.encoder, aggregator="mean" if learned else aggregator_with(aggregator, aggregator_params),
-        nprobe=nprobe, seed=seed,
+        nprobe=nprobe, seed=seed, k=k, target_recall=target_recall,
     )  # fmt: skip
     if learned:
         with stage("training the learned aggregator (k=%d, each %s excluded from its own retrieval)", k, group_col):
@@ -315,7 +317,7 @@ def build_index(
     ref = load_reference(store, r.encoder, cohort=r.cohort, slide_ids=selection, exclude_slides=r.exclude_slides)
     idx = build_reference_index(
         ref, panel=_recipe_panel(r, ref), aligner=r.aligner, keys=r.index.keys,
-        factory=r.index.factory, nprobe=r.index.nprobe, aggregator=r.aggregator.name,
+        factory=r.index.factory, nprobe=r.index.nprobe, target_recall=r.index.target_recall, aggregator=r.aggregator.name,
         aggregator_params=r.aggregator.params, k=r.aggregator.k, group_by=r.group_by, seed=r.seed,
     )  # fmt: skip
     idx.manifest["recipe"] = r.to_dict()

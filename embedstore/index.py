@@ -2,10 +2,11 @@
 
 Vectors are L2-normalised and searched by inner product (= cosine similarity). Any FAISS
 factory string works; :func:`default_factory` picks one by reference size (from
-``scripts/bench_knn.py``). An :class:`ExemplarIndex` bundles the FAISS index with the
-exemplars' ids and expression, the gene panel, the aligner and a manifest, and predicts
-expression for new image embeddings in bounded-memory batches. The index folder on disk
-is :mod:`embedstore.index_folder`.
+``scripts/bench_knn.py``) and :func:`build_tuned` chooses its codec and nprobe for a target
+recall at the index's k, recorded in the manifest's ``search``. An :class:`ExemplarIndex`
+bundles the FAISS index with the exemplars' ids and expression, the gene panel, the aligner
+and a manifest, and predicts expression for new image embeddings in bounded-memory batches.
+The index folder on disk is :mod:`embedstore.index_folder`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import pyarrow as pa
 from embedstore._knn import (
     BATCH_ENTRIES,
     build,
+    build_tuned,
     default_factory,
     default_nprobe,
     gpu_available,
     l2_normalize,
     search,
     set_search_params,
+    tune_search,
 )
 from embedstore._params import Choice, validated
 from embedstore._progress import stage
@@ -59,12 +62,14 @@ __all__ = [
     "ExemplarIndex",
     "build",
     "build_exemplar_index",
+    "build_tuned",
     "default_factory",
     "default_nprobe",
     "gpu_available",
     "l2_normalize",
     "search",
     "set_search_params",
+    "tune_search",
 ]
 
 
@@ -220,7 +225,9 @@ class ExemplarIndex:
             (N,) slide ids (or patients, with ``group_by="patient"``) of the queries: exemplars
             of the same group are excluded (leave-slide-out prediction on the reference).
         batch_size
-            Queries per step; memory also stays under ~64 MB of neighbour expression per step.
+            Queries per FAISS search (4,096 or more keeps FAISS on its fast BLAS path); the
+            gather and aggregation that follow go in smaller steps, under ~64 MB of
+            neighbour expression each.
         fingerprint
             Encoder fingerprint of ``image_emb``; checked against the manifest when given.
         geometry
@@ -235,18 +242,24 @@ class ExemplarIndex:
             msg = f"query_groups: {len(qg)} values for {len(emb)} queries; give one per query"
             raise BadInput(msg)
         ex_groups = None if qg is None else self._groups(group_by)
+        # Only the gather + aggregation is sized by memory: a search of that many rows (167 at
+        # 2,000 genes) falls below FAISS's BLAS threshold onto its slow path (predict 3-4x slower).
         width = max(len(self.genes), self.key_vectors.shape[1] if agg.needs_keys else 1)
         step = max(1, min(batch_size, BATCH_ENTRIES // (k * width)))
         out = np.empty((len(emb), len(self.genes)), dtype=np.float32)
-        for s in range(0, len(emb), step):
-            sl = slice(s, s + step)
+        for s in range(0, len(emb), batch_size):
+            sl = slice(s, s + batch_size)
             keys = self.query_keys(emb[sl])
             sims, ids = search(self.index, keys, k, None if qg is None else (ex_groups, qg[sl]))
             if (ids < 0).any():
                 msg = f"index: found fewer than k={k} neighbours for some queries; raise nprobe/efSearch or lower k"
                 raise BadInput(msg)
-            nk = self.key_vectors[ids] if agg.needs_keys else None
-            out[sl] = agg(sims, self.expression[ids], query_keys=keys, neighbour_keys=nk)
+            for a in range(0, len(keys), step):
+                part = slice(a, min(a + step, len(keys)))
+                nk = self.key_vectors[ids[part]] if agg.needs_keys else None
+                out[s + part.start : s + part.stop] = agg(
+                    sims[part], self.expression[ids[part]], query_keys=keys[part], neighbour_keys=nk
+                )
         return out
 
     def resolve_aggregator(self, aggregator: str | Aggregator | None) -> Aggregator:
@@ -309,6 +322,8 @@ def build_exemplar_index(
     nprobe: int | None = None,
     efSearch: int | None = None,
     seed: int = 0,
+    k: int = 50,
+    target_recall: float = 0.95,
 ) -> ExemplarIndex:
     """Build an :class:`ExemplarIndex` from a reference cohort's spots.
 
@@ -328,14 +343,22 @@ def build_exemplar_index(
         ``"expression"`` (BLEEP: keys are projected expression) or ``"image"`` (EGN: keys are
         the (projected) image embeddings).
     factory
-        FAISS factory string; None uses :func:`default_factory`.
+        FAISS factory string; None chooses by size and tunes the codec (:func:`build_tuned`).
     encoder
         Encoder metadata (name, fingerprint, tile ``geometry``, ...) written to the manifest and
         checked on queries.
     aggregator
         Default aggregator: a registered name or an :class:`Aggregator`.
-    device, nprobe, efSearch, seed
-        Passed to :func:`build`.
+    device, seed
+        Passed to :func:`build_tuned`.
+    nprobe
+        IVF lists probed; None chooses the smallest reaching ``target_recall`` at ``k``.
+    efSearch
+        HNSW beam width, for an HNSW factory.
+    k, target_recall
+        The prediction's k (the recipe's ``[aggregator] k``) and the recall@k the search
+        settings must reach on held-out exemplars; the settings and the recall reached go
+        into ``manifest["search"]``.
     """
     emb = np.asarray(image_emb, dtype=np.float32)
     expr = np.asarray(expression, dtype=np.float32)
@@ -376,9 +399,13 @@ def build_exemplar_index(
         if cfg.geometry is not None:
             encoder.setdefault("geometry", cfg.geometry)
         key_vectors = aligner.project_expression(expr) if keys == "expression" else aligner.project_images(emb)
-    factory = factory or default_factory(n, key_vectors.shape[1])
-    with stage("FAISS %s index: training it and adding %d exemplars", factory, n):
-        index = build(key_vectors, factory, "ip", device, seed=seed, nprobe=nprobe, efSearch=efSearch)
+    shown = factory or default_factory(n, key_vectors.shape[1])
+    with stage("FAISS %s index: training it and adding %d exemplars", shown, n):
+        index, settings = build_tuned(
+            key_vectors, factory, k=k, target_recall=target_recall, nprobe=nprobe, device=device, seed=seed
+        )
+    if efSearch is not None:
+        set_search_params(index, efSearch=efSearch)
     agg = create_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
     from embedstore import __version__
 
@@ -386,7 +413,8 @@ def build_exemplar_index(
         META_SCHEMA_VERSION: SCHEMA_VERSION,
         META_KIND: KIND,
         META_ENCODER: encoder,
-        "factory": factory,
+        "factory": settings["factory"],
+        "search": settings,
         "metric": "ip",
         "keys": keys,
         "aligned": aligner is not None,

@@ -7,7 +7,8 @@ Layout::
     panel.json         the gene panel (expression.Panel)
     aligner/           config.json + model.safetensors (absent for the raw-embedding baseline)
     aggregator/        config.json + model.safetensors (only for the learned aggregator)
-    manifest.json      schema version, encoder (name, fingerprint), factory, metric, keys, n, dim, ...
+    manifest.json      schema version, encoder (name, fingerprint), factory, search settings
+                       chosen at build time (nprobe, recall reached), metric, keys, n, dim, ...
 
 The folder is written beside its destination and swapped in whole. It is data: the loader
 follows no path that leads outside it, and refuses parts that were not built together.
@@ -26,7 +27,7 @@ import pyarrow as pa
 from embedstore._atomic import atomic_folder, check_replaceable
 from embedstore._knn import gpu_available, import_faiss, set_search_params
 from embedstore._optional import import_optional
-from embedstore._params import validate_manifest, validated
+from embedstore._params import Int, validate_manifest, validated
 from embedstore._schema import META_ENCODER, META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION, Col, parse_geometry
 from embedstore.aggregate import AGGREGATORS, LearnedAggregator, create_aggregator, load_learned_aggregator
 from embedstore.aligner import load_aligner, save_aligner
@@ -143,7 +144,8 @@ def load_index(
     device
         ``"cpu"``, or ``"auto"``/``"cuda"`` to move the faiss index to the GPU when there is one.
     nprobe, efSearch
-        Override the stored search settings.
+        Override the stored search settings (the manifest's ``search``, chosen at build time;
+        an index written before those were recorded keeps the nprobe of its index file).
 
     Raises
     ------
@@ -165,6 +167,7 @@ def load_index(
         msg = f"{path / MANIFEST_FILE}: not valid JSON ({e}); rebuild the index"
         raise BadInput(msg) from e
     manifest = validate_manifest(manifest, path / MANIFEST_FILE, kind=KIND, aggregators=AGGREGATORS)
+    search = _search_settings(manifest, path / MANIFEST_FILE)
     # An index folder is data: nothing in it may send the loader elsewhere on the disk.
     spec = manifest["aggregator"]
     agg_dir = None
@@ -202,8 +205,20 @@ def load_index(
             index = gpu
         except RuntimeError as e:
             LOG.info("load_index: keeping %s on the CPU (%s)", manifest["factory"], e)
-    set_search_params(index, nprobe=nprobe, efSearch=efSearch)
+    set_search_params(index, nprobe=nprobe or (search or {}).get("nprobe"), efSearch=efSearch)
     return ExemplarIndex(index, exemplars, expression, key_vectors, panel, aligner, agg, manifest)
+
+
+def _search_settings(manifest: Any, file: Path) -> dict[str, Any] | None:
+    """The manifest's ``search`` table (None when absent: an index from before build-time tuning)."""
+    if not isinstance(manifest, dict) or "search" not in manifest:
+        return None
+    search = manifest["search"]
+    nprobe = search.get("nprobe") if isinstance(search, dict) else None
+    if not isinstance(search, dict) or Int(min=1, optional=True).problem(nprobe) is not None:
+        msg = f"{file}: key 'search' is {search!r}, must be a table whose nprobe is None or an integer >= 1; rebuild the index"
+        raise BadInput(msg)
+    return search
 
 
 def _check_parts_agree(path: Path, manifest: dict[str, Any], panel: Panel, aligner: Any, agg: Any) -> None:

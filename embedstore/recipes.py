@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from embedstore._params import Choice, Str, Table, check_fields
+from embedstore._params import Choice, Float, Str, Table, check_fields
 from embedstore.errors import BadInput
 
 __all__ = ["PanelSpec", "Recipe", "add_recipe_dir", "list_recipes", "load_recipe"]
@@ -63,11 +63,16 @@ class PanelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class IndexSpec:
-    """FAISS settings: factory string ("auto" picks by reference size) and search knobs."""
+    """FAISS settings: factory string ("auto" picks by reference size) and search knobs.
+
+    ``nprobe`` None chooses it at build time: the smallest reaching ``target_recall`` at the
+    aggregator's k on held-out exemplars (with ``factory = "auto"`` the IVF codec too).
+    """
 
     factory: str = "auto"
     keys: str = "expression"  # "expression" (BLEEP) | "image" (EGN)
     nprobe: int | None = None
+    target_recall: float = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,7 @@ class Recipe:
 # Fields whose name means something else in embedstore.PARAMS, or that need more than their type.
 _FIELDS: dict[type, dict[str, Any]] = {
     PanelSpec: _PANEL_FIELDS,
+    IndexSpec: {"target_recall": Float(gt=0, le=1)},
     AggregatorSpec: {"name": Str()},
 }
 
