@@ -7,7 +7,17 @@ The public API, re-exported lazily so that ``import embedstore`` stays cheap and
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Idle OpenMP threads sleep at once instead of spinning (one policy for the whole process), so
+# torch, faiss and BLAS threads do not steal cores from one another or from other jobs: with one
+# core of two taken by another job, aligner training ran 1.7x and predict up to 1.15x faster; on
+# an idle machine training was 14% slower and predict unchanged (BENCHMARKS.md). An OpenMP
+# runtime reads this only when it loads: faiss's own copy of libgomp at ``import faiss``
+# (always after this line), torch's copy at ``import torch``, so torch
+# follows it when embedstore is imported first, as the command line does. A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
