@@ -17,6 +17,7 @@ import numpy as np
 
 from embedstore._optional import import_optional
 from embedstore._progress import stage, step
+from embedstore._vectors import ivf_of
 from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
@@ -74,13 +75,6 @@ def nprobe_ladder(nlist: int) -> list[int]:
     return sorted({v for v in ladder if v < nlist} | {nlist})
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
-
-
 def _matrix(vectors: np.ndarray, where: str) -> np.ndarray:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or len(x) == 0:
@@ -125,7 +119,7 @@ def _trained(faiss: Any, x: np.ndarray, factory: str, metric: str, device: str, 
     """An empty index of ``factory``, trained on (a sample of) ``x``."""
     index = _on_device(faiss, _new_index(faiss, x.shape[1], factory, metric), device, factory)
     if not index.is_trained:
-        ivf = _ivf(faiss, index)
+        ivf = ivf_of(faiss, index)
         # k-means needs ~40-256 points per list; more only slows training
         n_train = min(len(x), max(64 * ivf.nlist, 10_000) if ivf is not None else 100_000)
         sample = (
@@ -179,17 +173,10 @@ def build(
     return index
 
 
-def _ivf(faiss: Any, index: Any) -> Any:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
 def set_search_params(index: Any, nprobe: int | None = None, efSearch: int | None = None) -> None:
     """Set IVF ``nprobe`` (default :func:`default_nprobe` when never set) and HNSW ``efSearch``."""
     faiss = import_faiss("index.search")
-    ivf = _ivf(faiss, index)
+    ivf = ivf_of(faiss, index)
     if ivf is not None:
         if nprobe is None and ivf.nprobe == 1:
             nprobe = default_nprobe(ivf.nlist)
@@ -430,7 +417,7 @@ def _recall(index: Any, held: _HeldOut, part: slice, k: int) -> float:
 def _tune(index: Any, held: _HeldOut, k: int, target: float, nprobe: int | None, max_nprobe: int | None) -> dict:
     """Search settings chosen on the tuning half, recall measured on the check half."""
     faiss = import_faiss("index.tune_search")
-    ivf = _ivf(faiss, index)
+    ivf = ivf_of(faiss, index)
     tune, check = slice(0, held.n_tune), slice(held.n_tune, None)
     sweep: list[list[float]] = []
     if ivf is not None and nprobe is None:
@@ -515,7 +502,7 @@ def tune_search(
     faiss = import_faiss("index.tune_search")
     x = _matrix(vectors, "tune_search")
     _check_tuning(k, target_recall, "tune_search")
-    ivf = _ivf(faiss, index)
+    ivf = ivf_of(faiss, index)
     kind = type(faiss.downcast_index(index)).__name__ + (f"(nlist={ivf.nlist})" if ivf is not None else "")
     k = min(k, len(x) - 1)
     if _is_exact(faiss, index) or k < 1:
@@ -572,7 +559,7 @@ def build_tuned(
     auto = factory in (None, "auto")
     factory = default_factory(*x.shape) if auto else str(factory)
     plain = _new_index(faiss, x.shape[1], factory, "ip")
-    if ids is not None and _ivf(faiss, plain) is None and not hasattr(faiss.downcast_index(plain), "id_map"):
+    if ids is not None and ivf_of(faiss, plain) is None and not hasattr(faiss.downcast_index(plain), "id_map"):
         factory = "IDMap2," + factory  # only IVF indexes take ids (and removals) by themselves
     index = _trained(faiss, x, factory, "ip", device, seed)
     if ids is None:
@@ -584,7 +571,7 @@ def build_tuned(
         step("%s index: exact search, recall 1", factory)
         return index, _exact_settings(factory, max(k, 1), target_recall)
     held = _held_out(x, all_ids, k, TUNE_QUERIES, seed)
-    ivf = _ivf(faiss, index)
+    ivf = ivf_of(faiss, index)
     codec_choice = auto and ivf is not None
     nlist = ivf.nlist if ivf is not None else 0  # read now: ``ivf`` points into ``index``, replaced below
     settings = _tune(index, held, k, target_recall, nprobe, nlist // 4 if codec_choice else None)

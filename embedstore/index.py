@@ -25,7 +25,6 @@ from embedstore._knn import (
     default_factory,
     default_nprobe,
     gpu_available,
-    l2_normalize,
     search,
     set_search_params,
     tune_search,
@@ -42,6 +41,7 @@ from embedstore._schema import (
     check_geometry,
     parse_geometry,
 )
+from embedstore._vectors import l2_normalize
 from embedstore.aggregate import (
     Aggregator,
     LearnedAggregator,

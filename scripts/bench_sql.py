@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedstore as es
 from embedstore._schema import Col, tile_id, tile_schema
+from embedstore._vectors import l2_normalize
 from embedstore.store import open_store
-from embedstore.store._tile_search import load_tile_index, unit_rows
+from embedstore.store._tile_search import load_tile_index
 from embedstore.tile_index import build_tile_index, nearest_tiles
 
 ENCODER = {"name": "bench", "family": "builtin", "cfg": {"dim": 0}, "fingerprint": "b" * 64}
@@ -113,7 +114,7 @@ def main() -> None:
     print(f"build: {t_build:.1f} s; {report.summary()}")
 
     # 2. single-vector queries through es.sql: index vs full scan (A/B alternated)
-    queries = unit_rows(mixture(args.pairs + 1, centres, np.random.default_rng(123)))
+    queries = l2_normalize(mixture(args.pairs + 1, centres, np.random.default_rng(123)))
     via_index = "SELECT slide_id, tile_id, score FROM nearest_tiles($v, k := 10)"
     full_scan = (
         f"SELECT slide_id, tile_id, array_cosine_similarity(embedding, $v::FLOAT[{args.dim}]) AS score "
@@ -135,10 +136,10 @@ def main() -> None:
     )
 
     # recall@10 of nearest_tiles on fresh vectors of the same mixture, against NumPy brute force
-    fresh = unit_rows(mixture(args.recall_queries, centres, np.random.default_rng(777)))
+    fresh = l2_normalize(mixture(args.recall_queries, centres, np.random.default_rng(777)))
     meta, x = open_store(args.store).read_embeddings("bench", columns=[Col.SLIDE_ID, Col.TILE_ID])
     keys = np.char.add(np.array(meta.column(Col.SLIDE_ID).to_pylist()), np.array(meta.column(Col.TILE_ID).to_pylist()))
-    truth = np.argsort(-(fresh @ unit_rows(x).T), axis=1)[:, :10]
+    truth = np.argsort(-(fresh @ l2_normalize(x).T), axis=1)[:, :10]
     del x
     hits = nearest_tiles(args.store, fresh, 10, encoder="bench").to_pandas()
     found = (hits.slide_id + hits.tile_id).to_numpy().reshape(len(fresh), 10)
@@ -153,7 +154,7 @@ def main() -> None:
         "LATERAL nearest_tiles(e.embedding, k := 10) h"
     )
     meta, x = open_store(args.store).read_embeddings("bench", slide_ids=["S0001"], columns=[Col.Y])
-    qb = unit_rows(x[meta.column(Col.Y).to_numpy() < rows_up_to])
+    qb = l2_normalize(x[meta.column(Col.Y).to_numpy() < rows_up_to])
     index = load_tile_index(args.store, "bench").index
 
     def python_end_to_end():

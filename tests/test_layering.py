@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embedstore"
 ORDER = [
     "errors",
     "_atomic", "_progress",
-    "_optional", "_registry", "_schema", "_params", "_checkpoint", "metrics", "probe",
+    "_optional", "_registry", "_schema", "_vectors", "_params", "_checkpoint", "metrics", "probe",
     "recipes",
     "slides", "spots", "expression",
     "tile_table", "preview", "tiling",

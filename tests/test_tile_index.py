@@ -14,8 +14,8 @@ from test_store import META, make_tiles
 
 import embedstore.store._tile_search as search
 import embedstore.tile_index as ti
-from embedstore._knn import l2_normalize
 from embedstore._schema import Col
+from embedstore._vectors import l2_normalize
 from embedstore.errors import BadInput, DamagedFile, FingerprintMismatch
 from embedstore.store import open_store
 from embedstore.store._files import file_lock

@@ -11,7 +11,8 @@ import faiss
 import numpy as np
 import pytest
 
-from embedstore._knn import build, build_tuned, l2_normalize, nprobe_ladder, search, tune_search
+from embedstore._knn import build, build_tuned, nprobe_ladder, search, tune_search
+from embedstore._vectors import l2_normalize
 from embedstore.build import build_index
 from embedstore.errors import BadInput
 from embedstore.expression import Panel

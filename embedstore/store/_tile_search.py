@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from embedstore._optional import import_optional
 from embedstore._progress import step
 from embedstore._schema import META_KIND, Col
+from embedstore._vectors import ivf_of, l2_normalize
 from embedstore.errors import BadInput, DamagedFile
 from embedstore.store._files import check_name
 from embedstore.store._integrity import inspect_slide_file, repair_hint
@@ -124,7 +125,7 @@ def read_slide(st: Store, ref: SlideRef, fingerprint: str) -> tuple[pa.Table, np
         _encoder_of(ref), cohort=[ref.cohort], slide_ids=[ref.slide_id], columns=list(HIT_COLUMNS),
         fingerprint=fingerprint,
     )  # fmt: skip
-    return meta, unit_rows(vectors)
+    return meta, l2_normalize(vectors)
 
 
 def _encoder_of(ref: SlideRef) -> str:
@@ -193,13 +194,6 @@ def read_index(folder: Path, manifest: dict[str, Any], mmap: bool) -> Any:
     if ivf is not None and manifest["search"].get("nprobe"):
         ivf.nprobe = int(manifest["search"]["nprobe"])
     return index
-
-
-def ivf_of(faiss: Any, index: Any) -> Any:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
 
 
 def read_tiles(folder: Path, manifest: dict[str, Any]) -> pa.Table:
@@ -342,7 +336,7 @@ class Searcher:
         if q.ndim != 2 or q.shape[1] != dim or len(q) == 0:
             msg = f"query: shape {q.shape}, but {enc} tiles are {dim}-d; give (n, {dim}) vectors of the same encoder"
             raise BadInput(msg)
-        q = unit_rows(q)
+        q = l2_normalize(q)
         keep_slides = None if slides is None else set(slides)
         drop_slides = set(exclude_slides or ())
         wanted = [
@@ -472,9 +466,3 @@ def _warn_once(line: str) -> None:
     if line not in _WARNED:
         _WARNED.add(line)
         step("%s", line)
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32, C order); zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
