@@ -20,6 +20,7 @@ from embedstore.embedding import check_store, embed
 from embedstore.errors import BadInput, DamagedFile, GeometryMismatch
 from embedstore.prediction import predict
 from embedstore.store import open_store, verify_store
+from embedstore.store._writer import read_staged, staged_files
 from embedstore.testing import write_synthetic_slide
 
 COHORT = "synthetic"
@@ -284,7 +285,7 @@ def test_staging_left_by_a_kill_after_publishing_is_cleared(slides, tmp_path):
     store = tmp_path / "store"
     _kill(KILL_AFTER_PUBLISH, slides, store)
     staging = store / "_staging" / "encoder=builtin" / f"cohort={slides.name}" / "slide_id=s0"
-    assert any(staging.glob("part-*.parquet"))
+    assert staged_files(staging)
     assert open_store(store).slide_status("builtin", slides.name, "s0") == "complete"
     assert [p.kind for p in verify_store(open_store(store)).problems] == ["staging"]
     report = embed(slides, store, workers=0, batch_size=4, progress=False)
@@ -297,8 +298,8 @@ def test_kill_then_rerun_with_another_target_mpp_is_refused(slides, tmp_path):
     store = tmp_path / "store"
     _kill(KILL_AFTER_PARTS, slides, store)
     staging = store / "_staging" / "encoder=builtin" / f"cohort={slides.name}" / "slide_id=s0"
-    parts = sorted(staging.glob("part-*.parquet"))
-    assert len(parts) == 2
+    parts = {p: p.read_bytes() for p in staged_files(staging)}
+    assert sum(read_staged(p, "").num_rows for p in parts) == 2 * 4  # the two batches appended before the kill
     cmd = ["embed", slides, "--store", store, "--workers", "0", "--batch-size", "4", "--target-mpp", "1.0"]
     result = run(*cmd)
     assert result.returncode == 1, result.stderr
@@ -308,7 +309,7 @@ def test_kill_then_rerun_with_another_target_mpp_is_refused(slides, tmp_path):
     assert "1.0 µm/px x 224 px (bilinear)" in line
     assert "--target-mpp" in line
     assert not (store / "embeddings").exists() or not any((store / "embeddings").rglob("*.parquet"))
-    assert sorted(staging.glob("part-*.parquet")) == parts  # nothing staged was deleted
+    assert {p: p.read_bytes() for p in staged_files(staging)} == parts  # nothing staged was changed or deleted
     # Resuming with the original settings completes the slide as an uninterrupted run would.
     assert embed(slides, store, workers=0, batch_size=4, target_mpp=0.5, progress=False).ok
     want = tmp_path / "want"
@@ -339,3 +340,17 @@ def test_mixed_geometries_across_slides_are_refused(tmp_path):
     _, emb = st.read_embeddings("builtin", slide_ids=["m1"], geometry={"mpp": 0.5, "size_px": 112})
     assert len(emb) > 0
     assert st.encoder_metadata("builtin")["geometry"] == {"mpp": 0.5, "size_px": 224, "resample": "bilinear"}
+
+
+def test_check_reads_staged_journals(slides, tmp_path):
+    """`check` notes a slide partly staged in a journal, and names a journal whose batches cannot be read."""
+    store = tmp_path / "store"
+    _kill(KILL_AFTER_PARTS, slides, store)
+    staging = store / "_staging" / "encoder=builtin" / f"cohort={slides.name}" / "slide_id=s0"
+    (journal,) = [p for p in staged_files(staging) if p.suffix == ".arrows"]
+    report = verify_store(open_store(store))
+    assert report.problems == []
+    assert any("partly embedded" in note and str(staging) in note for note in report.notes)
+    journal.write_bytes(b"\0" * journal.stat().st_size)  # zeroed by a crash of the file system
+    problems = verify_store(open_store(store)).problems
+    assert [(p.path, p.kind) for p in problems] == [(journal, "part")]

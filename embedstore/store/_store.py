@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +44,7 @@ from embedstore.store._integrity import (
     repair_hint,
 )
 from embedstore.store._layout import stored_columns, with_keys
-from embedstore.store._writer import SLIDE_FILE, SOURCES, SlideWriter, slide_dir, source_file
+from embedstore.store._writer import SLIDE_FILE, SOURCES, SlideWriter, read_staged, slide_dir, source_file, staged_files
 
 LOG = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class Store:
             except DamagedFile:
                 return "damaged"
             return "complete"
-        if any((self.root / "_staging" / rel).glob("part-*.parquet")):
+        if staged_files(self.root / "_staging" / rel):
             return "partial"
         return "absent"
 
@@ -179,8 +180,8 @@ class Store:
             inspect_slide_file(final, fix)
             published = set(read_all(final, fix, [Col.TILE_ID]).column(0).to_pylist())
             staged: set[str] = set()
-            for p in sorted(staging.glob("part-*.parquet")):
-                staged.update(read_all(p, fix, [Col.TILE_ID]).column(0).to_pylist())
+            for p in staged_files(staging):
+                staged.update(read_staged(p, fix, [Col.TILE_ID]).column(0).to_pylist())
         except DamagedFile:
             return False
         if not staged <= published:
@@ -374,20 +375,28 @@ class Store:
         """
         files, metas, dim, cols = self._checked_files(encoder, cohort, slide_ids, columns, fingerprint, geometry)
         out = np.empty((sum(md.num_rows for md in metas), dim), dtype=np.float32)
-        tables = []
-        start = 0
-        for path, md in zip(files, metas, strict=True):
-            stop = start + md.num_rows
+
+        def read_columns(path: Path, md: pq.FileMetaData) -> pa.Table:
+            # The footer checked above is reused (no second parse); page CRCs are verified.
             with self._reading(path):
-                try:
-                    read_vectors_into(path, md, Col.EMBEDDING, out[start:stop])
-                except NotPlain as e:  # written by another tool (or damaged pages): let pyarrow decode it
-                    LOG.debug("%s: generic read (%s)", path, e)
-                    col = read_all(path, repair_hint(self.root), [Col.EMBEDDING]).column(0)
-                    out[start:stop] = vectors_from_arrow(col, dim)
-                tables.append(read_all(path, repair_hint(self.root), cols))
-            start = stop
-        return pa.concat_tables(tables), out
+                handle = pq.ParquetFile(path, metadata=md, page_checksum_verification=True, pre_buffer=True)
+                return with_keys(handle.read(stored_columns(cols), use_threads=False), path, cols)
+
+        # pyarrow decodes the small columns in a second thread while this one copies vectors.
+        with ThreadPoolExecutor(1) as pool:
+            tables = [pool.submit(read_columns, path, md) for path, md in zip(files, metas, strict=True)]
+            start = 0
+            for path, md in zip(files, metas, strict=True):
+                stop = start + md.num_rows
+                with self._reading(path):
+                    try:
+                        read_vectors_into(path, md, Col.EMBEDDING, out[start:stop])
+                    except NotPlain as e:  # written by another tool (or damaged pages): let pyarrow decode it
+                        LOG.debug("%s: generic read (%s)", path, e)
+                        col = read_all(path, repair_hint(self.root), [Col.EMBEDDING]).column(0)
+                        out[start:stop] = vectors_from_arrow(col, dim)
+                start = stop
+            return pa.concat_tables([t.result() for t in tables]), out
 
     def iter_embeddings(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -11,10 +12,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from embedstore._atomic import atomic_file
 from embedstore._schema import (
+    META_ENCODER,
     META_GEOMETRY,
     META_N_TILES,
     META_SOURCE,
@@ -27,14 +28,22 @@ from embedstore._schema import (
 )
 from embedstore._schema import geometry as make_geometry
 from embedstore.errors import BadInput, DamagedFile, FingerprintMismatch, GeometryMismatch
-from embedstore.store._files import check_name, fsync_dir, row_group_rows, write_options, write_parquet_atomic
-from embedstore.store._integrity import SlideFile, inspect_slide_file, quarantine, read_all, repair_hint
+from embedstore.store._files import (
+    Journal,
+    check_name,
+    read_journal,
+    row_group_rows,
+    write_options,
+    write_parquet_atomic,
+)
+from embedstore.store._integrity import READ_ERRORS, first_line, inspect_slide_file, quarantine, read_all, repair_hint
 from embedstore.store._layout import KEYS, file_schema
 
 LOG = logging.getLogger(__name__)
 
 SLIDE_FILE = "tiles.parquet"
 SOURCES = "_sources"  # STORE/_sources/encoder=/cohort=/slide_id=<s>.json: provenance of each slide
+_TILE_SCHEMA = tile_schema()
 
 
 def slide_dir(encoder: str, cohort: str, slide_id: str) -> Path:
@@ -47,17 +56,59 @@ def source_file(root: Path, rel: Path) -> Path:
     return root / SOURCES / rel.parent / f"{rel.name}.json"
 
 
+def staged_files(staging: Path) -> list[Path]:
+    """A slide's staged parts in the order they were written.
+
+    Journals (``part-N.arrows``, :class:`~embedstore.store._files.Journal`) and the
+    Parquet parts (``part-N.parquet``) that embedstore staged before them, one per batch.
+    """
+    if not staging.is_dir():
+        return []
+    return sorted(p for p in staging.iterdir() if p.name.startswith("part-") and p.suffix in (".arrows", ".parquet"))
+
+
+def read_staged(path: Path, fix: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of a staged part; :class:`DamagedFile` when they cannot be read."""
+    if path.suffix != ".arrows":
+        return read_all(path, fix, columns)
+    try:
+        table = read_journal(path)
+    except READ_ERRORS as e:
+        raise DamagedFile(path, f"unreadable staged batches ({first_line(e)})", fix) from e
+    return table if columns is None else table.select(list(columns))
+
+
+def _journal_info(path: Path, fix: str) -> tuple[str, dict[str, Any], int]:
+    """Fingerprint, geometry and dim a journal was staged with (read from its schema)."""
+    try:
+        schema = read_journal(path).schema
+        meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        fingerprint = str(json.loads(meta[META_ENCODER])["fingerprint"])
+        geom = make_geometry(**json.loads(meta[META_GEOMETRY]))
+        dim = int(schema.field(Col.EMBEDDING).type.list_size)
+    except (*READ_ERRORS, KeyError, TypeError, ValueError) as e:
+        raise DamagedFile(path, f"not a staging journal embedstore wrote ({first_line(e)})", fix) from e
+    return fingerprint, geom, dim
+
+
 class SlideWriter:
     """Stage the embeddings of one slide batch by batch, then publish them as one file.
 
-    Use it while holding :meth:`Store.lock_slide`. Each :meth:`append` writes one durable
-    part under ``STORE/_staging`` (outside the tree readers glob); :meth:`commit` merges the
-    parts (and an earlier published file, if any) into ``embeddings/.../tiles.parquet``
-    with one atomic rename, then removes the staging folder.
+    Use it while holding :meth:`Store.lock_slide`. Each :meth:`append` adds one batch to
+    this run's journal under ``STORE/_staging`` (outside the tree readers glob), handed to
+    the kernel before it returns; :meth:`commit` merges the staged batches (and an earlier
+    published file, if any) into ``embeddings/.../tiles.parquet`` with one atomic rename,
+    then removes the staging folder.
 
-    Every part and the published file record the encoder metadata and the tile geometry;
-    parts of another fingerprint or geometry (an interrupted run with other settings) are
-    never merged.
+    What a crash loses: a killed process (SIGKILL at any line) at most the batch being
+    appended; a crash of the machine at most the batches of the last
+    :data:`~embedstore.store._files.JOURNAL_SYNC_SECONDS` seconds (the journal is fsynced
+    that often). The next writer of the slide reads what survived, :meth:`done_tile_ids`
+    lists it, and only the rest is embedded again.
+
+    Every staged part and the published file record the encoder metadata and the tile
+    geometry; parts of another fingerprint or geometry (an interrupted run with other
+    settings) are never merged.
     """
 
     def __init__(
@@ -88,52 +139,56 @@ class SlideWriter:
         self.staging = store.root / "_staging" / rel
         self._fix = repair_hint(store.root)
         self._dim: int | None = None
+        self._journal: Journal | None = None
+        self._journal_schema: pa.Schema | None = None
         store.clear_stale_staging(self.encoder, cohort, slide_id)
         if self.final.is_file():
-            self._check_same(inspect_slide_file(self.final, self._fix), staged=False)
-        for path in self._parts():
+            info = inspect_slide_file(self.final, self._fix)
+            self._check_same(info.path, info.fingerprint, info.geometry, info.dim, staged=False)
+        self._staged: list[Path] = []  # listed once; this writer's own journal is added when it starts
+        for path in staged_files(self.staging):
             try:
-                info = inspect_slide_file(path, self._fix, part=True)
+                if path.suffix == ".arrows":
+                    found = _journal_info(path, self._fix)
+                else:
+                    info = inspect_slide_file(path, self._fix, part=True)
+                    found = (info.fingerprint, info.geometry, info.dim)
             except DamagedFile as e:  # its tiles are simply embedded again
                 LOG.warning("%s: %s; moved it to %s", path, e.problem, quarantine(store.root, path))
                 continue
-            self._check_same(info, staged=True)
+            self._check_same(path, *found, staged=True)
+            self._staged.append(path)
         if source is not None:
             with atomic_file(source_file(store.root, rel)) as tmp:
                 tmp.write_text(json.dumps(source, sort_keys=True, indent=1))
 
-    def _check_same(self, info: SlideFile, staged: bool) -> None:
-        """Refuse to merge a file of another fingerprint or geometry into this slide."""
+    def _check_same(self, path: Path, fingerprint: str, geom: dict[str, Any], dim: int, staged: bool) -> None:
+        """Refuse to merge a file of another fingerprint, geometry or dim into this slide."""
         fp = self.meta["fingerprint"]
-        if staged and info.fingerprint != fp:
+        if staged and fingerprint != fp:
             msg = (
-                f"{self.staging}: batches staged by an interrupted run have encoder fingerprint {info.fingerprint}, "
+                f"{self.staging}: batches staged by an interrupted run have encoder fingerprint {fingerprint}, "
                 f"this run has {fp}; resume with the original encoder and weights, or delete {self.staging} "
                 "to embed the slide anew (or embed into another store)"
             )
             raise FingerprintMismatch(msg)
-        check_fingerprint(fp, info.fingerprint, str(info.path))
+        check_fingerprint(fp, fingerprint, str(path))
         if self.geometry is None:
-            self.geometry = info.geometry
-        elif staged and info.geometry != self.geometry:
+            self.geometry = geom
+        elif staged and geom != self.geometry:
             msg = (
-                f"{self.staging}: batches staged by an interrupted run were tiled at {describe_geometry(info.geometry)}, "
+                f"{self.staging}: batches staged by an interrupted run were tiled at {describe_geometry(geom)}, "
                 f"this run tiles at {describe_geometry(self.geometry)}; resume with the original --target-mpp and --size, "
                 f"or delete {self.staging} to embed the slide anew (or embed into another store)"
             )
             raise GeometryMismatch(msg)
-        check_geometry(self.geometry, info.geometry, str(info.path))
-        if self._dim is not None and info.dim != self._dim:
-            raise DamagedFile(
-                info.path, f"embeddings of dim {info.dim}, other files of the slide have {self._dim}", self._fix
-            )
-        self._dim = info.dim
-
-    def _parts(self) -> list[Path]:
-        return sorted(self.staging.glob("part-*.parquet")) if self.staging.is_dir() else []
+        check_geometry(self.geometry, geom, str(path))
+        if self._dim is not None and dim != self._dim:
+            raise DamagedFile(path, f"embeddings of dim {dim}, other files of the slide have {self._dim}", self._fix)
+        self._dim = dim
 
     def _sources(self) -> list[Path]:
-        return ([self.final] if self.final.is_file() else []) + self._parts()
+        return ([self.final] if self.final.is_file() else []) + self._staged
 
     def _schema(self, dim: int, n_tiles: int | None) -> pa.Schema:
         """The embedding schema as stored (no partition keys) with every metadata key this writer records."""
@@ -153,10 +208,10 @@ class SlideWriter:
         return done
 
     def _read(self, path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-        return read_all(path, self._fix, columns)
+        return read_all(path, self._fix, columns) if path == self.final else read_staged(path, self._fix, columns)
 
     def append(self, tiles: pa.Table, embeddings: np.ndarray) -> None:
-        """Stage one batch durably and atomically.
+        """Stage one batch: in the kernel (whole across a SIGKILL) when this returns, on disk within seconds.
 
         Parameters
         ----------
@@ -179,7 +234,8 @@ class SlideWriter:
         if not np.isfinite(emb).all():
             msg = f"{where}: embeddings contain NaN or inf; check the encoder's precision settings"
             raise BadInput(msg)
-        missing = [n for n in tile_schema().names if n not in tiles.column_names and n != Col.PADDED]
+        names = set(tiles.column_names)
+        missing = [n for n in _TILE_SCHEMA.names if n not in names and n != Col.PADDED]
         if missing:
             msg = f"{where}: tile table lacks columns {missing}; pass a table of tile_schema()"
             raise BadInput(msg)
@@ -207,21 +263,32 @@ class SlideWriter:
         self._dim = emb.shape[1]
         n = tiles.num_rows
         cols: dict[str, Any] = {}
-        for f in tile_schema():
+        for f in _TILE_SCHEMA:
             if f.name in KEYS:
                 continue
-            if f.name in tiles.column_names:
-                cols[f.name] = tiles.column(f.name).cast(f.type)
+            if f.name in names:
+                col = tiles.column(f.name)
+                cols[f.name] = col if col.type == f.type else col.cast(f.type)
             else:
                 cols[f.name] = pa.array([False] * n, pa.bool_())
         cols[Col.FINGERPRINT] = pa.array([self.meta["fingerprint"]] * n, pa.string())
         cols[Col.EMBEDDING] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
-        schema = self._schema(emb.shape[1], self.n_tiles)
+        if self._journal_schema is None:  # fixed once the first batch set the geometry and the dim
+            self._journal_schema = self._schema(emb.shape[1], self.n_tiles)
+        schema = self._journal_schema
         table = pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
-        parts = self._parts()
-        index = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-        dest = self.staging / f"part-{index:06d}.parquet"
-        write_parquet_atomic(table, dest, row_group_size=row_group_rows(emb.shape[1]), **write_options(schema))
+        if self._journal is None:
+            index = int(self._staged[-1].stem.split("-")[1]) + 1 if self._staged else 0
+            self.staging.mkdir(parents=True, exist_ok=True)
+            self._journal = Journal(self.staging / f"part-{index:06d}.arrows", schema)
+            self._staged.append(self._journal.path)
+        try:
+            self._journal.append(table)
+        except BaseException:  # a torn last message: later batches go to a new journal
+            with contextlib.suppress(OSError):
+                self._journal.close()
+            self._journal = None
+            raise
 
     def commit(self, tile_ids: Collection[str] | None = None) -> Path:
         """Publish the slide's file atomically (rows sorted by y, x, tile id) and clean the staging.
@@ -240,12 +307,14 @@ class SlideWriter:
             slide is never published.
         """
         where = f"{self.encoder}/{self.cohort}/{self.slide_id}"
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         sources = self._sources()
         if not sources:
             msg = f"{where}: nothing to commit; append embeddings first"
             raise BadInput(msg)
-        parts = self._parts()
-        if not parts:  # already published by an earlier run
+        if not self._staged:  # already published by an earlier run
             shutil.rmtree(self.staging, ignore_errors=True)
             return self.final
         table = pa.concat_tables([self._read(p).replace_schema_metadata(None) for p in sources])
@@ -266,19 +335,10 @@ class SlideWriter:
         y = table.column(Col.Y).to_numpy()[first]
         order = first[np.lexsort((ids[first].astype(str), x, y))]
         schema = self._schema(self._dim or 0, len(order))
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if (
-            len(sources) == 1
-            and len(order) == table.num_rows
-            and (order == np.arange(len(order))).all()
-            and pq.read_schema(sources[0]).metadata == schema.metadata
-        ):
-            # One staged part already in final order and with the final metadata: publish it as it is.
-            sources[0].replace(self.final)
-            fsync_dir(self.final.parent)
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return self.final
-        table = table.take(pa.array(order)).replace_schema_metadata(schema.metadata)
+        # One contiguous chunk either way: pyarrow's page boundaries follow the input's chunks.
+        in_order = len(order) == table.num_rows and bool((order == np.arange(len(order))).all())
+        table = table.combine_chunks() if in_order else table.take(pa.array(order))
+        table = table.replace_schema_metadata(schema.metadata)
         write_parquet_atomic(
             table,
             self.final,
