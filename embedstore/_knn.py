@@ -452,6 +452,28 @@ def _tune(index: Any, held: _HeldOut, k: int, target: float, nprobe: int | None,
     }
 
 
+def tune_held_out(
+    index: Any,
+    queries: np.ndarray,
+    own: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    target_recall: float,
+    nprobe: int | None = None,
+    max_nprobe: int | None = None,
+) -> dict[str, Any]:
+    """Search settings of ``index`` for ``target_recall`` at ``k``, from held-out queries whose truth is known.
+
+    For indexes built from streamed vectors (:mod:`embedstore._ondisk`), whose exact neighbours
+    were found batch by batch. ``queries`` (m, d) are indexed vectors with ids ``own`` (m,),
+    ``truth`` (m, k) the ids of their exact ``k`` nearest other vectors; the first half chooses
+    nprobe (up to ``max_nprobe``), the second half measures the recall, as in :func:`tune_search`.
+    """
+    _check_tuning(k, target_recall, "tune_held_out")
+    held = _HeldOut(np.ascontiguousarray(queries, dtype=np.float32), np.asarray(own), np.asarray(truth), len(own) // 2)
+    return _tune(index, held, k, target_recall, nprobe, max_nprobe)
+
+
 def _exact_settings(factory: str, k: int, target: float) -> dict[str, Any]:
     return {"factory": factory, "k": k, "target_recall": target, "exact": True, "nprobe": None, "recall": 1.0,
             "n_tune": 0, "n_check": 0}  # fmt: skip

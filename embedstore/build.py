@@ -190,6 +190,9 @@ def build_reference_index(
     k: int = 50,
     group_by: str = "auto",
     seed: int = 0,
+    layout: str = "auto",
+    memory_budget: int | str | None = None,
+    scratch_dir: str | Path | None = None,
 ) -> Any:
     """Panel, aligner, FAISS index and (optionally learned) aggregator from a reference.
 
@@ -215,6 +218,9 @@ def build_reference_index(
         unit held out for aligner validation and excluded from a spot's own retrieval.
     seed
         Seeds the aligner and the learned aggregator.
+    layout, memory_budget, scratch_dir
+        Where the FAISS index's inverted lists live (``"auto"``: on disk when the keys exceed
+        the budget); see :func:`~embedstore.index.build_exemplar_index`.
 
     Returns
     -------
@@ -247,7 +253,8 @@ def build_reference_index(
         ref.column(Col.SLIDE_ID), ref.column(Col.SPOT_ID), ref.column(Col.PATIENT),
         aligner=model, keys=keys, factory=None if factory == "auto" else factory,
         encoder=ref.encoder, aggregator="mean" if learned else aggregator_with(aggregator, aggregator_params),
-        nprobe=nprobe, seed=seed, k=k, target_recall=target_recall,
+        nprobe=nprobe, seed=seed, k=k, target_recall=target_recall, layout=layout, memory_budget=memory_budget,
+        scratch_dir=scratch_dir,
     )  # fmt: skip
     if learned:
         with stage("training the learned aggregator (k=%d, each %s excluded from its own retrieval)", k, group_col):
@@ -285,6 +292,8 @@ def build_index(
     overwrite: bool = True,
     *,
     slide_ids: Sequence[str] | None = None,
+    layout: str = "auto",
+    memory_budget: int | str | None = None,
 ) -> Path:
     """Index stage: rebuild an exemplar index from a recipe (``indexes/*.toml``) and a store.
 
@@ -303,6 +312,11 @@ def build_index(
     slide_ids
         Build from these slides of the recipe's cohort only (e.g. the training slides of a
         fold), in place of the recipe's ``slides``; its ``exclude_slides`` still apply.
+    layout, memory_budget
+        ``"auto"``: the FAISS index's inverted lists on disk (``index.ivfdata``, memory-mapped
+        when loaded) when the exemplars' keys do not fit in ``memory_budget`` (bytes or text such
+        as ``"8GB"``; None: half the available memory); ``"memory"`` or ``"ondisk"`` to force one.
+        On-disk lists are built beside ``out``.
     """
     from embedstore._atomic import check_replaceable
     from embedstore.index import KIND
@@ -319,6 +333,7 @@ def build_index(
         ref, panel=_recipe_panel(r, ref), aligner=r.aligner, keys=r.index.keys,
         factory=r.index.factory, nprobe=r.index.nprobe, target_recall=r.index.target_recall, aggregator=r.aggregator.name,
         aggregator_params=r.aggregator.params, k=r.aggregator.k, group_by=r.group_by, seed=r.seed,
+        layout=layout, memory_budget=memory_budget, scratch_dir=Path(out).parent,
     )  # fmt: skip
     idx.manifest["recipe"] = r.to_dict()
     with stage("saving the index to %s", out):

@@ -182,11 +182,20 @@ def index_build(
     recipe: Annotated[str, typer.Argument(help="Recipe name (see `index list`) or a .toml file.")],
     store: Annotated[Path, typer.Option(help="Store holding the reference embeddings and expression.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")],
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="auto, memory or ondisk: where the FAISS inverted lists live (auto: on disk past --memory-budget)."
+        ),
+    ] = "auto",
+    memory_budget: Annotated[
+        str | None, typer.Option(help="Memory the build may hold, e.g. 8GB; default: half the available memory.")
+    ] = None,
 ) -> None:
     """Build an exemplar index (aligner, FAISS, aggregator) from a recipe."""
     from embedstore.build import build_index
 
-    path = build_index(recipe, store, out)
+    path = build_index(recipe, store, out, layout=layout, memory_budget=memory_budget)
     typer.echo(f"index -> {path}")
 
 
@@ -210,11 +219,23 @@ def index_tiles(
         float, typer.Option(help="Recall@10 the search settings must reach on held-out tiles.")
     ] = 0.95,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] for building.")] = "auto",
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="auto, memory or ondisk: where the FAISS inverted lists live (auto: on disk past --memory-budget)."
+        ),
+    ] = "auto",
+    memory_budget: Annotated[
+        str | None, typer.Option(help="Memory the build may hold, e.g. 8GB; default: half the available memory.")
+    ] = None,
 ) -> None:
     """Build or update the tile index of a store (nearest-tile search in SQL and `embedstore search`)."""
     from embedstore.tile_index import build_tile_index
 
-    report = build_tile_index(store, encoder, rebuild=rebuild, target_recall=target_recall, device=device)
+    report = build_tile_index(
+        store, encoder, rebuild=rebuild, target_recall=target_recall, device=device, layout=layout,
+        memory_budget=memory_budget,
+    )  # fmt: skip
     typer.echo(report.summary())
     typer.echo(f"index -> {report.path}")
 

@@ -12,7 +12,9 @@ The index folder on disk is :mod:`embedstore.index_folder`.
 from __future__ import annotations
 
 import logging
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from embedstore._knn import (
     set_search_params,
     tune_search,
 )
+from embedstore._ondisk import build_ondisk_from_array, choose_layout, parse_memory_budget
 from embedstore._params import Choice, validated
 from embedstore._progress import stage
 from embedstore._schema import (
@@ -324,6 +327,9 @@ def build_exemplar_index(
     seed: int = 0,
     k: int = 50,
     target_recall: float = 0.95,
+    layout: str = "auto",
+    memory_budget: int | str | None = None,
+    scratch_dir: str | Path | None = None,
 ) -> ExemplarIndex:
     """Build an :class:`ExemplarIndex` from a reference cohort's spots.
 
@@ -359,6 +365,16 @@ def build_exemplar_index(
         The prediction's k (the recipe's ``[aggregator] k``) and the recall@k the search
         settings must reach on held-out exemplars; the settings and the recall reached go
         into ``manifest["search"]``.
+    layout, memory_budget
+        ``"auto"``: the FAISS index's inverted lists on disk when the keys do not fit in
+        ``memory_budget`` (bytes or text such as ``"8GB"``; None: half the available memory),
+        ``"memory"`` or ``"ondisk"`` to force one (:mod:`embedstore._ondisk`). On disk the index
+        is IVF (``IVF{nlist},SQ8`` for ``factory=None``), trained on a sample and filled shard by
+        shard; :func:`~embedstore.index_folder.save_index` writes its lists as ``index.ivfdata``
+        and :func:`~embedstore.index_folder.load_index` maps them.
+    scratch_dir
+        Where the on-disk lists are built before the index is saved (default: the system's
+        temporary folder); choose one on the disk the index will be saved to.
     """
     emb = np.asarray(image_emb, dtype=np.float32)
     expr = np.asarray(expression, dtype=np.float32)
@@ -399,11 +415,21 @@ def build_exemplar_index(
         if cfg.geometry is not None:
             encoder.setdefault("geometry", cfg.geometry)
         key_vectors = aligner.project_expression(expr) if keys == "expression" else aligner.project_images(emb)
-    shown = factory or default_factory(n, key_vectors.shape[1])
-    with stage("FAISS %s index: training it and adding %d exemplars", shown, n):
-        index, settings = build_tuned(
-            key_vectors, factory, k=k, target_recall=target_recall, nprobe=nprobe, device=device, seed=seed
-        )
+    if choose_layout(n, key_vectors.shape[1], layout, parse_memory_budget(memory_budget)) == "ondisk":
+        # the lists live in a scratch folder until save_index copies them; removed with the index
+        scratch = tempfile.TemporaryDirectory(prefix="embedstore-index-", dir=scratch_dir)
+        with stage("FAISS index with on-disk lists: training it and adding %d exemplars in shards", n):
+            index, settings = build_ondisk_from_array(
+                key_vectors, Path(scratch.name), factory, memory_budget=memory_budget, k=k,
+                target_recall=target_recall, nprobe=nprobe, seed=seed,
+            )  # fmt: skip
+        index.referenced_objects = [scratch]
+    else:
+        shown = factory or default_factory(n, key_vectors.shape[1])
+        with stage("FAISS %s index: training it and adding %d exemplars", shown, n):
+            index, settings = build_tuned(
+                key_vectors, factory, k=k, target_recall=target_recall, nprobe=nprobe, device=device, seed=seed
+            )
     if efSearch is not None:
         set_search_params(index, efSearch=efSearch)
     agg = create_aggregator(aggregator) if isinstance(aggregator, str) else aggregator

@@ -3,6 +3,7 @@
 Layout::
 
     index.faiss        faiss.write_index (always a CPU index)
+    index.ivfdata      its inverted lists, when they were built on disk (manifest search.layout)
     exemplars.parquet  slide_id, spot_id, patient, key (vector), expression (panel vector)
     panel.json         the gene panel (expression.Panel)
     aligner/           config.json + model.safetensors (absent for the raw-embedding baseline)
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ import pyarrow as pa
 
 from embedstore._atomic import atomic_folder, check_replaceable
 from embedstore._knn import gpu_available, import_faiss, set_search_params
+from embedstore._ondisk import IVFDATA_FILE, ondisk_lists
 from embedstore._optional import import_optional
 from embedstore._params import Int, validate_manifest, validated
 from embedstore._schema import META_ENCODER, META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION, Col, parse_geometry
@@ -34,6 +38,7 @@ from embedstore.aligner import load_aligner, save_aligner
 from embedstore.errors import BadInput
 from embedstore.expression import Panel
 from embedstore.index import AGGREGATOR_DIR, KIND, ExemplarIndex
+from embedstore.store._tile_search import read_ondisk_index
 
 LOG = logging.getLogger(__name__)
 
@@ -87,6 +92,7 @@ def save_index(idx: ExemplarIndex, path: str | Path, overwrite: bool = False) ->
     with atomic_folder(path, size_hint=size) as tmp:
         cpu = faiss.index_gpu_to_cpu(idx.index) if gpu_available() and "Gpu" in type(idx.index).__name__ else idx.index
         faiss.write_index(cpu, str(tmp / INDEX_FILE))
+        manifest = _with_layout(idx.manifest, ondisk_lists(faiss, cpu), tmp)
         table = idx.exemplars.append_column(Col.KEY, _fixed_list(idx.key_vectors)).append_column(
             Col.EXPRESSION, _fixed_list(idx.expression)
         )
@@ -102,8 +108,24 @@ def save_index(idx: ExemplarIndex, path: str | Path, overwrite: bool = False) ->
         if isinstance(idx.aggregator, LearnedAggregator):
             idx.aggregator.save(tmp / AGGREGATOR_DIR)
         # The manifest marks the folder as an index: written last, so a folder without it is incomplete.
-        (tmp / MANIFEST_FILE).write_text(json.dumps(idx.manifest, indent=1))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return path
+
+
+def _with_layout(manifest: dict[str, Any], lists: Any, tmp: Path) -> dict[str, Any]:
+    """The manifest with ``search.layout`` saying where the index's lists are, after copying on-disk lists into ``tmp``."""
+    search = manifest.get("search")
+    if lists is None and not (isinstance(search, dict) and "layout" in search):
+        return manifest
+    layout = {**search.get("layout", {}), "invlists": "ondisk" if lists is not None else "memory"}
+    if lists is not None:
+        src, dest = Path(lists.filename), tmp / IVFDATA_FILE
+        try:
+            os.link(src, dest)  # the lists are never written after the build: share them when the disk allows
+        except OSError:
+            shutil.copyfile(src, dest)
+        layout["files"] = {name: (tmp / name).stat().st_size for name in (INDEX_FILE, IVFDATA_FILE)}
+    return {**manifest, "search": {**search, "layout": layout}}
 
 
 def _inside(folder: Path, rel: Any, where: str) -> Path:
@@ -177,7 +199,7 @@ def load_index(
     aligner_dir = _inside(path, ALIGNER_DIR, str(path / ALIGNER_DIR)) if manifest["aligned"] else None
     parse_geometry(manifest[META_ENCODER].get("geometry"), f"{path / MANIFEST_FILE}: key '{META_ENCODER}.geometry'")
     try:
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index = _read_faiss(faiss, path, search)
     except RuntimeError as e:
         msg = f"{path / INDEX_FILE}: faiss cannot read it ({str(e).strip().splitlines()[-1]}); the file is corrupted, rebuild the index"
         raise BadInput(msg) from e
@@ -207,6 +229,20 @@ def load_index(
             LOG.info("load_index: keeping %s on the CPU (%s)", manifest["factory"], e)
     set_search_params(index, nprobe=nprobe or (search or {}).get("nprobe"), efSearch=efSearch)
     return ExemplarIndex(index, exemplars, expression, key_vectors, panel, aligner, agg, manifest)
+
+
+def _read_faiss(faiss: Any, path: Path, search: dict[str, Any] | None) -> Any:
+    """``index.faiss``, its lists mapped read-only from ``index.ivfdata`` when the manifest says they are on disk."""
+    layout = (search or {}).get("layout", {})
+    if not isinstance(layout, dict) or layout.get("invlists") != "ondisk":
+        return faiss.read_index(str(path / INDEX_FILE))
+    data = _inside(path, IVFDATA_FILE, str(path / IVFDATA_FILE))
+    for name, size in layout.get("files", {}).items():
+        where = _inside(path, name, f"{path / MANIFEST_FILE}: key 'search.layout.files'")
+        if not where.is_file() or where.stat().st_size != size:
+            msg = f"{where}: missing or not the {size} bytes its manifest records; the folder is incomplete, rebuild the index"
+            raise BadInput(msg)
+    return read_ondisk_index(path / INDEX_FILE, data)
 
 
 def _search_settings(manifest: Any, file: Path) -> dict[str, Any] | None:

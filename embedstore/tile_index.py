@@ -6,12 +6,21 @@ since are added, slides removed or re-embedded are dropped (and re-added), with 
 reused. The codec and nprobe are chosen at build time for a target recall on held-out tiles of
 the store (:func:`embedstore._knn.build_tuned`) and recorded in the manifest with the recall
 reached. Each run publishes the whole folder in one atomic swap, under a lock.
+
+When the store's vectors do not fit in the memory budget, the index is built out of core
+(:mod:`embedstore._ondisk`): trained on a sample, filled shard by shard from the slide files
+read row group by row group (:func:`build_tile_shard`, one plain function per shard), its
+inverted lists merged by FAISS into ``index.ivfdata`` beside ``index.faiss`` and memory-mapped
+by searches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,18 +29,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedstore import _knn
+from embedstore import _knn, _ondisk
 from embedstore._atomic import atomic_folder
 from embedstore._knn import default_factory, import_faiss
-from embedstore._progress import stage, step
+from embedstore._progress import counter, stage, step
 from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION
+from embedstore._vectors import ivf_of, l2_normalize
 from embedstore.errors import BadInput
-from embedstore.store import Store
+from embedstore.store import Store, open_store
 from embedstore.store._files import file_lock, lock_holder
 from embedstore.store._store import check_writable
 from embedstore.store._tile_search import (
     FOLDER,
+    HIT_COLUMNS,
     INDEX_FILE,
+    IVFDATA_FILE,
     KIND,
     MANIFEST_FILE,
     TILES_FILE,
@@ -39,10 +51,12 @@ from embedstore.store._tile_search import (
     as_store,
     hit_schema,
     index_folder,
+    is_ondisk,
     list_slides,
     nearest_tiles,
     read_index,
     read_manifest,
+    read_ondisk_index,
     read_slide,
     read_tiles,
     resolve_encoder,
@@ -53,7 +67,9 @@ from embedstore.store._tile_search import (
 
 __all__ = [
     "TileIndexReport",
+    "TileShard",
     "build_tile_index",
+    "build_tile_shard",
     "hit_schema",
     "index_folder",
     "nearest_tiles",
@@ -90,7 +106,8 @@ class TileIndexReport:
                 else "up to date"
             )
         )
-        return f"tile index {what}: {self.n_tiles} tiles of {self.n_slides} slides, {s.get('factory')} ({how})"
+        where = ", inverted lists on disk" if s.get("layout", {}).get("invlists") == "ondisk" else ""
+        return f"tile index {what}: {self.n_tiles} tiles of {self.n_slides} slides, {s.get('factory')} ({how}){where}"
 
 
 def build_tile_index(
@@ -103,6 +120,8 @@ def build_tile_index(
     rebuild: bool = False,
     device: str = "auto",
     seed: int = 0,
+    layout: str = "auto",
+    memory_budget: int | str | None = None,
 ) -> TileIndexReport:
     """Create or update the tile index of one encoder of a store.
 
@@ -123,11 +142,21 @@ def build_tile_index(
         ``"auto"``, ``"cpu"`` or ``"cuda"`` for building.
     seed
         Seeds sampling and k-means.
+    layout
+        ``"auto"``: inverted lists on disk when the tiles' vectors do not fit in
+        ``memory_budget`` (:func:`embedstore._ondisk.choose_layout`), else in memory;
+        ``"memory"`` or ``"ondisk"`` to force one. On disk, the index is IVF (``"auto"``:
+        ``IVF{nlist},SQ8``), trained on a sample and filled shard by shard from the slide
+        files, its lists in ``index.ivfdata``, memory-mapped by searches.
+    memory_budget
+        Bytes (or text such as ``"8GB"``) the build may hold; None: half the available memory.
+        It also bounds the training sample and the shards of an on-disk build.
 
     An existing index is updated: slides embedded since are added, removed or re-embedded
     ones dropped (and re-added), without retraining. It is rebuilt when the encoder's
     fingerprint, the factory or the target changed, or the tiles outgrew what the index was
-    trained for (an exact index past 100,000 tiles, an IVF index past twice its training size).
+    trained for (an exact index past 100,000 tiles, an IVF index past twice its training size),
+    or the tiles call for the other layout.
     """
     st = as_store(store)
     enc = resolve_encoder(st, encoder)
@@ -147,16 +176,32 @@ def build_tile_index(
             raise BadInput(msg)
         fingerprint, dim = store_fingerprint(st.root, slides)
         old = None if rebuild else read_manifest(folder, enc)
-        why = _rebuild_reason(old, fingerprint, factory, target_recall, k, slides)
+        n = sum(_rows(s) for s in slides)
+        budget = _ondisk.parse_memory_budget(memory_budget, "memory_budget (--memory-budget)")
+        where = _ondisk.choose_layout(n, dim, layout, budget)
+        why = _rebuild_reason(old, fingerprint, factory, target_recall, k, slides, where)
         if why:
             if old is not None:
                 step("tile index of %s: rebuilding (%s)", enc, why)
+            if where == "ondisk":
+                return _build_ondisk(st, enc, folder, slides, fingerprint, dim, factory, target_recall, k, seed, budget)
             return _build(st, enc, folder, slides, fingerprint, dim, factory, target_recall, k, device, seed)
         return _update(st, enc, folder, old, slides, fingerprint)
 
 
+def _rows(ref: SlideRef) -> int:
+    """Tiles of a slide file, from its footer."""
+    return int(pq.read_metadata(ref.path).num_rows)
+
+
 def _rebuild_reason(
-    old: dict[str, Any] | None, fingerprint: str, factory: str, target: float, k: int, slides: list[SlideRef]
+    old: dict[str, Any] | None,
+    fingerprint: str,
+    factory: str,
+    target: float,
+    k: int,
+    slides: list[SlideRef],
+    layout: str,
 ) -> str:
     if old is None:
         return "new"
@@ -165,7 +210,9 @@ def _rebuild_reason(
     if old.get("requested", {}) != {"factory": factory, "target_recall": target, "k": k}:
         return "other factory or target"
     n = sum(int(e["n"]) for e in old["slides"] if _still(e, slides)) + _new_tiles(old, slides)
-    exact_now = factory == "auto" and default_factory(n, 1) == "Flat"
+    if layout != ("ondisk" if is_ondisk(old) else "memory"):
+        return f"{n} tiles call for inverted lists {'on disk' if layout == 'ondisk' else 'in memory'}"
+    exact_now = layout == "memory" and factory == "auto" and default_factory(n, 1) == "Flat"
     if factory == "auto" and exact_now != bool(old["search"].get("exact")):
         return f"{n} tiles call for {'an exact' if exact_now else 'an IVF'} index"
     if not old["search"].get("exact") and n > GROWTH_REBUILD * int(old["n_trained"]):
@@ -180,7 +227,7 @@ def _still(entry: dict[str, Any], slides: list[SlideRef]) -> bool:
 def _new_tiles(old: dict[str, Any], slides: list[SlideRef]) -> int:
     """Tiles of the slides the index does not cover, from their footers (no data read)."""
     covered = {(e["cohort"], e["slide_id"], tuple(e["version"])) for e in old["slides"]}
-    return sum(pq.read_metadata(s.path).num_rows for s in slides if (*s.key, s.version) not in covered)
+    return sum(_rows(s) for s in slides if (*s.key, s.version) not in covered)
 
 
 def _read_all(
@@ -205,6 +252,25 @@ def _read_all(
     return entries, table, (np.concatenate(vectors) if vectors else np.empty((0, 0), np.float32))
 
 
+def _manifest(enc, fingerprint, dim, factory, target, k, search, entries, n_trained, layout) -> dict[str, Any]:
+    n = sum(int(e["n"]) for e in entries)
+    return {
+        META_SCHEMA_VERSION: SCHEMA_VERSION,
+        META_KIND: KIND,
+        "encoder": {"name": enc, "fingerprint": fingerprint, "dim": dim},
+        "metric": "ip",
+        "requested": {"factory": factory, "target_recall": target, "k": k},
+        "search": search,
+        "layout": layout,
+        "n_tiles": n,
+        "n_trained": n_trained,
+        "next_id": n,
+        "slides": entries,
+        "created_at": _now(),
+        "updated_at": _now(),
+    }
+
+
 def _build(st, enc, folder, slides, fingerprint, dim, factory, target, k, device, seed) -> TileIndexReport:
     with stage("tile index of %s: reading %d slides", enc, len(slides)):
         entries, tiles, vectors = _read_all(st, slides, fingerprint, 0)
@@ -214,22 +280,179 @@ def _build(st, enc, folder, slides, fingerprint, dim, factory, target, k, device
             vectors, None if factory == "auto" else factory, ids=ids, k=min(k, len(vectors) - 1) or 1,
             target_recall=target, device=device, seed=seed,
         )  # fmt: skip
-    manifest = {
-        META_SCHEMA_VERSION: SCHEMA_VERSION,
-        META_KIND: KIND,
-        "encoder": {"name": enc, "fingerprint": fingerprint, "dim": dim},
-        "metric": "ip",
-        "requested": {"factory": factory, "target_recall": target, "k": k},
-        "search": search,
-        "n_tiles": len(vectors),
-        "n_trained": len(vectors),
-        "next_id": len(vectors),
-        "slides": entries,
-        "created_at": _now(),
-        "updated_at": _now(),
-    }
-    _publish(folder, index, tiles, manifest)
+    manifest = _manifest(
+        enc, fingerprint, dim, factory, target, k, search, entries, len(vectors), {"invlists": "memory"}
+    )
+    with atomic_folder(folder, size_hint=int(tiles.nbytes) + 4 * len(vectors) * dim) as tmp:
+        _write(tmp, index, tiles, manifest)
     return TileIndexReport(folder, enc, len(vectors), len(entries), [e["slide_id"] for e in entries], [], True, search)
+
+
+# ------------------------------------------------------------------------------ out of core
+
+
+@dataclasses.dataclass(frozen=True)
+class TileShard:
+    """The slides one shard of an on-disk tile index holds: plain data, so that a cluster task can build it."""
+
+    root: str  # the store
+    encoder: str
+    fingerprint: str  # every slide file must carry it
+    slides: tuple[SlideRef, ...]
+    bases: tuple[int, ...]  # id of each slide's first tile
+    sizes: tuple[int, ...]  # tiles of each slide, as its footer said when the build started
+
+
+def build_tile_shard(
+    shard: TileShard, trained_file: str | Path, out_file: str | Path, held: _ondisk.HeldOut | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Fill one shard of an on-disk tile index from its slide files, read row group by row group.
+
+    Writes the shard index to ``out_file`` (:func:`embedstore._ondisk.fill_shard`) and its tiles'
+    rows (id, cohort, slide_id, tile_id, spot_id, x, y) to ``out_file`` with suffix
+    ``.tiles.parquet``. Holds one row group of vectors and the shard's codes at a time.
+
+    Parameters
+    ----------
+    shard
+        The slides, their first ids and sizes.
+    trained_file
+        The trained empty index shared by all shards.
+    out_file
+        Where the shard index goes.
+    held
+        Held-out queries whose exact top-k among the shard's tiles is returned.
+
+    Returns
+    -------
+    The held-out queries' exact top-k (similarities, ids) among the shard's tiles, or None.
+    """
+    st = open_store(shard.root)
+    tiles_file = Path(out_file).with_suffix(".tiles.parquet")
+    writer: pq.ParquetWriter | None = None
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        nonlocal writer
+        for ref, base, size in zip(shard.slides, shard.bases, shard.sizes, strict=True):
+            at = base
+            for meta, vectors in st.iter_embeddings(
+                shard.encoder, cohort=[ref.cohort], slide_ids=[ref.slide_id], columns=list(HIT_COLUMNS),
+                fingerprint=shard.fingerprint,
+            ):  # fmt: skip
+                ids = np.arange(at, at + len(vectors), dtype=np.int64)
+                at += len(vectors)
+                table = meta.add_column(0, "id", pa.array(ids))
+                writer = writer or pq.ParquetWriter(tiles_file, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                yield ids, l2_normalize(vectors)
+            if version_now(ref) != ref.version or at - base != size:
+                msg = (
+                    f"{ref.path}: changed while it was being indexed (re-embedded?); rerun when the embedding run ends"
+                )
+                raise BadInput(msg)
+
+    try:
+        return _ondisk.fill_shard(trained_file, batches(), out_file, held)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _sample(st: Store, enc: str, slides: list[SlideRef], sizes: list[int], fingerprint: str, dim: int, n_sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``n_sample`` L2-normalised tile vectors drawn uniformly from all slides, and their ids (one read pass)."""
+    total = sum(sizes)
+    picked = np.sort(np.random.default_rng(seed).choice(total, n_sample, replace=False))
+    out = np.empty((n_sample, dim), dtype=np.float32)
+    filled, base = 0, 0
+    bar = counter(total, "sampling tiles", "tile")
+    for ref, size in zip(slides, sizes, strict=True):
+        lo, hi = np.searchsorted(picked, [base, base + size])
+        at = base
+        if hi > lo:
+            for _, vectors in st.iter_embeddings(enc, cohort=[ref.cohort], slide_ids=[ref.slide_id], columns=[],
+                                                  fingerprint=fingerprint):  # fmt: skip
+                rows = picked[lo:hi]
+                rows = rows[(rows >= at) & (rows < at + len(vectors))] - at
+                out[filled : filled + len(rows)] = l2_normalize(vectors[rows])
+                filled += len(rows)
+                at += len(vectors)
+        bar(size)
+        base += size
+    bar(0, close=True)
+    if filled != n_sample:
+        msg = f"{st.root}: slides changed while the tile index was sampling them; rerun when the embedding run ends"
+        raise BadInput(msg)
+    return out, picked
+
+
+def _build_ondisk(st, enc, folder, slides, fingerprint, dim, factory, target, k, seed, budget) -> TileIndexReport:
+    """The tile index built out of core: sample, shards of whole slides, lists merged on disk."""
+    sizes = [_rows(s) for s in slides]
+    n = sum(sizes)
+    fac = _ondisk.ondisk_factory(None if factory == "auto" else factory, n, dim)
+    faiss = import_faiss("build_tile_index")
+    ivf = ivf_of(faiss, _knn._new_index(faiss, dim, fac, "ip"))
+    n_sample = _ondisk.sample_size(n, dim, ivf.nlist, budget)
+    with stage("tile index of %s: sampling %d of %d tiles for training", enc, n_sample, n):
+        sample, sample_ids = _sample(st, enc, slides, sizes, fingerprint, dim, n_sample, seed)
+    bases = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    shards = _shards(st, enc, fingerprint, slides, bases, sizes, _ondisk.shard_rows(budget, ivf.code_size))
+    entries = [
+        {"cohort": s.cohort, "slide_id": s.slide_id, "version": list(s.version), "base": b, "n": m}
+        for s, b, m in zip(slides, bases, sizes, strict=True)
+    ]
+    size_hint = n * (ivf.code_size + 8) + 100 * n
+    with atomic_folder(folder, size_hint=size_hint) as tmp:
+        with stage("tile index of %s: building over %d tiles in %d shards, lists on disk", enc, n, len(shards)):
+            index, search = _ondisk.build_ondisk(
+                sample, sample_ids, len(shards),
+                lambda i, trained, out, held: build_tile_shard(shards[i], trained, out, held),
+                tmp, None if factory == "auto" else factory, n_total=n, k=min(k, n - 1) or 1,
+                target_recall=target, seed=seed,
+            )  # fmt: skip
+            del sample
+            work = tmp / _ondisk.SHARDS_DIR
+            _concat_tiles([work / f"shard-{i:05d}.tiles.parquet" for i in range(len(shards))], tmp)
+            work.rmdir()
+        layout = search.pop("layout")
+        manifest = _manifest(enc, fingerprint, dim, factory, target, k, search, entries, n, layout)
+        _write(tmp, index, None, manifest)
+        del index  # unmapped before the folder is published
+    search = {**search, "layout": layout}
+    return TileIndexReport(folder, enc, n, len(entries), [e["slide_id"] for e in entries], [], True, search)
+
+
+def _shards(st, enc, fingerprint, slides, bases, sizes, per_shard: int) -> list[TileShard]:
+    """Whole slides grouped in id order into shards of about ``per_shard`` tiles."""
+    groups: list[list[int]] = [[]]
+    rows = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and rows + size > per_shard:
+            groups.append([])
+            rows = 0
+        groups[-1].append(i)
+        rows += size
+    root = str(st.root)
+    pick = lambda seq, g: tuple(seq[i] for i in g)  # noqa: E731
+    return [TileShard(root, enc, fingerprint, pick(slides, g), pick(bases, g), pick(sizes, g)) for g in groups]
+
+
+def _concat_tiles(parts: list[Path], tmp: Path) -> None:
+    """The shards' tile rows, in id order, streamed into one ``tiles.parquet``."""
+    writer = None
+    try:
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches():
+                table = pa.Table.from_batches([batch])
+                writer = writer or pq.ParquetWriter(tmp / TILES_FILE, table.schema)
+                writer.write_table(table.cast(writer.schema))
+            part.unlink()
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+# ------------------------------------------------------------------------------ updating
 
 
 def _update(st, enc, folder, old, slides, fingerprint) -> TileIndexReport:
@@ -242,31 +465,42 @@ def _update(st, enc, folder, old, slides, fingerprint) -> TileIndexReport:
     if not gone and not new:
         return report
     faiss = import_faiss("build_tile_index")
-    index = read_index(folder, old, mmap=False)
     tiles = read_tiles(folder, old)
-    if gone:
-        drop = np.zeros(int(old["next_id"]), dtype=bool)
-        for e in gone:
-            drop[e["base"] : e["base"] + e["n"]] = True
-        bitmap = np.packbits(drop, bitorder="little")
-        index.remove_ids(faiss.IDSelectorBitmap(len(drop), faiss.swig_ptr(bitmap)))
-        tiles = tiles.filter(pa.array(~drop[tiles.column("id").to_numpy()]))
     entries, added, vectors = _read_all(st, new, fingerprint, int(old["next_id"]))
-    if new:
-        with stage("tile index of %s: adding %d tiles of %d slides", enc, len(vectors), len(new)):
-            index.add_with_ids(vectors, added.column("id").to_numpy())
-        tiles = pa.concat_tables([tiles, added.cast(tiles.schema)])
-    manifest = {
-        **old,
-        "slides": keep + entries,
-        "n_tiles": int(index.ntotal),
-        "next_id": int(old["next_id"]) + len(vectors),
-        "updated_at": _now(),
-    }
-    _publish(folder, index, tiles, manifest)
+    ondisk = is_ondisk(old)
+    size_hint = int(tiles.nbytes) + sum(old.get("files", {}).values()) + vectors.nbytes
+    with atomic_folder(folder, size_hint=size_hint) as tmp:
+        if ondisk:
+            # the published lists stay untouched: a copy is updated and published with the new folder
+            read_index(folder, old, mmap=True)  # checks the files against the manifest
+            shutil.copyfile(folder / IVFDATA_FILE, tmp / IVFDATA_FILE)
+            index = read_ondisk_index(folder / INDEX_FILE, tmp / IVFDATA_FILE, writable=True)
+        else:
+            index = read_index(folder, old, mmap=False)
+        with _ondisk.stdout_to_stderr() if ondisk else nullcontext():
+            if gone:
+                drop = np.zeros(int(old["next_id"]), dtype=bool)
+                for e in gone:
+                    drop[e["base"] : e["base"] + e["n"]] = True
+                bitmap = np.packbits(drop, bitorder="little")
+                index.remove_ids(faiss.IDSelectorBitmap(len(drop), faiss.swig_ptr(bitmap)))
+                tiles = tiles.filter(pa.array(~drop[tiles.column("id").to_numpy()]))
+            if new:
+                with stage("tile index of %s: adding %d tiles of %d slides", enc, len(vectors), len(new)):
+                    index.add_with_ids(vectors, added.column("id").to_numpy())
+                tiles = pa.concat_tables([tiles, added.cast(tiles.schema)])
+        manifest = {
+            **old,
+            "slides": keep + entries,
+            "n_tiles": int(index.ntotal),
+            "next_id": int(old["next_id"]) + len(vectors),
+            "updated_at": _now(),
+        }
+        _write(tmp, index, tiles, manifest)
+        del index  # unmapped before the folder is published
     gone_names = [e["slide_id"] for e in gone]
     return dataclasses.replace(
-        report, n_tiles=int(index.ntotal), n_slides=len(manifest["slides"]),
+        report, n_tiles=manifest["n_tiles"], n_slides=len(manifest["slides"]),
         added=[s.slide_id for s in new], removed=gone_names,
     )  # fmt: skip
 
@@ -275,17 +509,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _publish(folder: Path, index: Any, tiles: pa.Table, manifest: dict[str, Any]) -> None:
-    """Write the three files into a fresh folder and swap it in whole."""
+def _write(tmp: Path, index: Any, tiles: pa.Table | None, manifest: dict[str, Any]) -> None:
+    """Write the index, the tiles (unless already there) and, last, the manifest with every file's size."""
     faiss = import_faiss("build_tile_index")
     if "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)
-    with atomic_folder(folder, size_hint=int(tiles.nbytes) + 4 * int(index.ntotal) * int(index.d)) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    if tiles is not None:
         pq.write_table(tiles, tmp / TILES_FILE)
-        manifest["files"] = {name: (tmp / name).stat().st_size for name in (INDEX_FILE, TILES_FILE)}
-        # written last: a folder without it is no index
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    names = (INDEX_FILE, TILES_FILE, IVFDATA_FILE) if is_ondisk(manifest) else (INDEX_FILE, TILES_FILE)
+    manifest["files"] = {name: (tmp / name).stat().st_size for name in names}
+    # written last: a folder without it is no index
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
 
 # ------------------------------------------------------------------------------ loading

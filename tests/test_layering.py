@@ -18,7 +18,7 @@ ORDER = [
     "encoders",
     "store",
     "embedding",
-    "_knn", "_adamw", "_training", "_aggregator_nets", "_aligner_nets", "aggregate", "aligner",
+    "_knn", "_ondisk", "_adamw", "_training", "_aggregator_nets", "_aligner_nets", "aggregate", "aligner",
     "index", "index_folder", "tile_index", "retrieval",
     "build",
     "scoring", "_report_plots", "report",

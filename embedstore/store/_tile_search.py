@@ -1,7 +1,8 @@
 """Nearest-tile search over a store: its tile index where there is one, exact scans of the Parquet files otherwise.
 
 The tile index of an encoder (written by :mod:`embedstore.tile_index`) lives in
-``STORE/tile_indexes/encoder=<E>/``: ``index.faiss`` (ids, not row numbers), ``tiles.parquet``
+``STORE/tile_indexes/encoder=<E>/``: ``index.faiss`` (ids, not row numbers; with ``index.ivfdata``
+holding its inverted lists when the tiles did not fit in memory), ``tiles.parquet``
 (id -> cohort, slide_id, tile_id, spot_id, x, y) and ``manifest.json``, which records each
 slide file it covers with its version (size, mtime, inode) and id range.
 
@@ -43,6 +44,7 @@ LOG = logging.getLogger(__name__)
 KIND = "tile_index"
 FOLDER = "tile_indexes"
 INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"  # on-disk inverted lists of a large index (embedstore._ondisk)
 TILES_FILE = "tiles.parquet"
 MANIFEST_FILE = "manifest.json"
 HIT_COLUMNS = (Col.COHORT, Col.SLIDE_ID, Col.TILE_ID, Col.SPOT_ID, Col.X, Col.Y)
@@ -177,15 +179,48 @@ def damaged(folder: Path, name: str, problem: str) -> DamagedFile:
     return DamagedFile(folder / name, problem, f"rebuild it: {update_hint(root, enc)} --rebuild")
 
 
+def read_ondisk_index(index_file: Path, ivfdata_file: Path, writable: bool = False) -> Any:
+    """An index written with on-disk inverted lists, its lists mapped from ``ivfdata_file``.
+
+    FAISS records the lists' file by the path it had when built (a temporary folder, since
+    renamed): the index is read without its lists and they are mapped from ``ivfdata_file``,
+    wherever the folder now is. ``IO_FLAG_MMAP`` must not be used here: it skips mapping on-disk
+    lists, and the first search then crashes. Read-only unless ``writable`` (an update, on a copy).
+    """
+    faiss = import_optional("faiss", "tile search")
+    flags = faiss.IO_FLAG_SKIP_IVF_DATA | (0 if writable else faiss.IO_FLAG_READ_ONLY)
+    index = faiss.read_index(str(index_file), flags)
+    lists = faiss.downcast_InvertedLists(ivf_of(faiss, index).invlists) if ivf_of(faiss, index) is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        msg = f"{index_file}: has no on-disk inverted lists"
+        raise RuntimeError(msg)
+    if ivfdata_file.stat().st_size < lists.totsize:  # mapping past the end of a file crashes on access
+        msg = f"{ivfdata_file}: {ivfdata_file.stat().st_size} bytes, shorter than the {lists.totsize} its index maps"
+        raise RuntimeError(msg)
+    lists.filename = str(ivfdata_file)
+    lists.read_only = not writable
+    lists.do_mmap()
+    return index
+
+
+def is_ondisk(manifest: dict[str, Any]) -> bool:
+    """Whether a tile index's manifest records on-disk inverted lists (``index.ivfdata``)."""
+    return manifest.get("layout", {}).get("invlists") == "ondisk"
+
+
 def read_index(folder: Path, manifest: dict[str, Any], mmap: bool) -> Any:
     faiss = import_optional("faiss", "tile search")
     path = folder / INDEX_FILE
-    want = manifest.get("files", {}).get(INDEX_FILE)
-    if not path.is_file() or (want is not None and path.stat().st_size != want):
-        raise damaged(folder, INDEX_FILE, "missing or not the size its manifest records")
+    files = manifest.get("files", {})
+    ondisk = is_ondisk(manifest)
+    for name in (INDEX_FILE, IVFDATA_FILE) if ondisk else (INDEX_FILE,):
+        want = files.get(name)
+        if not (folder / name).is_file() or (want is not None and (folder / name).stat().st_size != want):
+            raise damaged(folder, name, "missing or not the size its manifest records")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and not manifest["search"].get("exact") else 0
     try:
-        index = faiss.read_index(str(path), flags)
+        # on-disk lists are mapped from index.ivfdata, read-only
+        index = read_ondisk_index(path, folder / IVFDATA_FILE) if ondisk else faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise damaged(folder, INDEX_FILE, f"unreadable ({str(e).strip().splitlines()[-1][:120]})") from e
     if index.ntotal != manifest["n_tiles"] or index.d != manifest["encoder"]["dim"]:
