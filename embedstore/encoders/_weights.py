@@ -238,7 +238,12 @@ def load_state_dict(path: str | os.PathLike[str], prefix: str | None = None) -> 
 
 
 def load_into(
-    module: Any, state_dict: Mapping[str, Any], where: str, encoder: str, ignore: tuple[str, ...] = ()
+    module: Any,
+    state_dict: Mapping[str, Any],
+    where: str,
+    encoder: str,
+    ignore: tuple[str, ...] = (),
+    assign: bool = False,
 ) -> None:
     """Load ``state_dict`` into ``module``: every parameter must be there; extra keys under ``ignore`` are dropped.
 
@@ -254,10 +259,16 @@ def load_into(
         Encoder name, for the message.
     ignore
         Key prefixes that may be present and unused (classifier heads, text towers).
+    assign
+        Make the state dict's tensors the module's own instead of copying them (a module built on
+        the meta device); they are cast to the module's dtypes first, as a copy would cast them.
     """
     sd = {k: v for k, v in state_dict.items() if not k.startswith(ignore)} if ignore else dict(state_dict)
+    if assign:
+        own = module.state_dict(keep_vars=True)
+        sd = {k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}
     try:
-        missing, unexpected = module.load_state_dict(sd, strict=False)
+        missing, unexpected = module.load_state_dict(sd, strict=False, assign=assign)
     except RuntimeError as e:  # shape mismatch
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         msg = f"{where}: weights do not fit {encoder} ({first[:200]}); pass weights for this architecture"

@@ -147,13 +147,45 @@ def build_timm_model(cfg: EncoderCfg, kwargs: dict[str, Any], device: Any = None
     return PooledViT(trunk, cfg.pooling).eval()
 
 
-def create_timm_encoder(cfg: EncoderCfg, kwargs: dict[str, Any], weights: Any = None) -> Encoder:
-    """Resolve weights, build the model, load the state dict, fingerprint it."""
+def _has_meta_tensors(model: torch.nn.Module) -> bool:
+    """Whether a tensor of ``model`` is still on the meta device (one no state dict holds: a non-persistent buffer)."""
+    for module in model.modules():
+        own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        attributes = (v for v in vars(module).values() if isinstance(v, torch.Tensor))
+        if any(t.is_meta for t in (*own, *attributes)):
+            return True
+    return False
+
+
+def create_timm_encoder(
+    cfg: EncoderCfg, kwargs: dict[str, Any], weights: Any = None, meta_model: PooledViT | None = None
+) -> Encoder:
+    """Resolve weights, build the model, load the state dict, fingerprint it.
+
+    With a weight file the model is built on the meta device and takes the file's tensors:
+    random initialisation of weights that are overwritten costs as much as building the model.
+    A model with tensors that no state dict holds is built and initialised for real instead.
+
+    Parameters
+    ----------
+    cfg, kwargs
+        As for :func:`build_timm_model`.
+    weights
+        See :func:`embedstore.encoders._weights.resolve_weights`.
+    meta_model
+        ``build_timm_model(cfg, kwargs, device="meta")`` when the caller has built it already.
+    """
     path, source = resolve_weights(cfg, weights)  # first: a missing file fails before building a giant model
-    model = build_timm_model(cfg, kwargs)
-    if path is not None:
+    if path is None:
+        model = build_timm_model(cfg, kwargs)
+    else:
         sd = load_state_dict(path)
-        load_into(model.trunk, sd, str(path), cfg.name, ignore=("head.",))  # classifier heads are unused
+        model = meta_model if meta_model is not None else build_timm_model(cfg, kwargs, device="meta")
+        # classifier heads are unused
+        load_into(model.trunk, sd, str(path), cfg.name, ignore=("head.",), assign=True)
+        if _has_meta_tensors(model):
+            model = build_timm_model(cfg, kwargs)
+            load_into(model.trunk, sd, str(path), cfg.name, ignore=("head.",))
     cnn = not cfg.architecture.startswith(("vit", "eva", "deit"))
     return Encoder(cfg, model, weights_fingerprint(cfg, path), source, channels_last=cnn)
 
@@ -233,4 +265,4 @@ def create_generic_timm(arch: str, weights: Any = None, pretrained_tag: str | No
     if cfg.hf_hub_id is None and weights is None:
         msg = f"timm:{arch}: timm knows no hub repository for these weights; pass weights='hf-hub:org/repo' or 'local-dir:/folder'"
         raise BadInput(msg)
-    return create_timm_encoder(cfg, {}, weights)
+    return create_timm_encoder(cfg, {}, weights, meta_model=probe)
