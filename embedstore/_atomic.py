@@ -58,7 +58,7 @@ KIND_KEY = "embedstore.kind"
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 # Folders whose JSON file names what the folder is: index manifest, checkpoint config, evaluation.
-MARKER_FILES = ("manifest.json", "config.json", "evaluation.json")
+MARKER_FILES = ("manifest.json", "config.json", "evaluation.json", "predictions.json")
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}$")

@@ -3,7 +3,8 @@
 When the vectors of an index do not fit in its memory budget (:func:`choose_layout`), the coarse
 quantiser and the codec (SQ8, SQfp16 or PQ) are trained on a sample of them, shards are filled
 from streamed batches into copies of the trained empty index (:func:`fill_shard`: files in, a
-file out, so that a cluster can run each shard as its own task), and FAISS merges the shards'
+file out, so that a cluster can run each shard as its own task; :func:`one_by_one` runs them
+here), and FAISS merges the shards'
 lists into one ``OnDiskInvertedLists`` file, ``index.ivfdata`` beside ``index.faiss``
 (:func:`build_ondisk`, through ``faiss.contrib.ondisk.merge_ondisk``). Searches map that file
 read-only (:func:`embedstore.store._tile_search.read_ondisk_index`), wherever its folder has
@@ -107,6 +108,18 @@ def ondisk_factory(factory: str | None, n: int, dim: int) -> str:
     return str(factory)
 
 
+def ivf_shape(factory: str, dim: int) -> tuple[int, int]:
+    """``(nlist, code_size)`` of an IVF factory string at ``dim``.
+
+    Read while the index is alive: the IVF layer FAISS hands out is a view into its index, and
+    reading it after the index is freed gives whatever the memory holds by then.
+    """
+    faiss = import_faiss("on-disk index")
+    index = _new_index(faiss, dim, factory, "ip")
+    ivf = ivf_of(faiss, index)
+    return int(ivf.nlist), int(ivf.code_size)
+
+
 def sample_size(n: int, dim: int, nlist: int, memory_budget: int) -> int:
     """Training vectors of an on-disk build: 64 per list (as in memory) within a quarter of the budget, at least 10,000.
 
@@ -144,21 +157,26 @@ class HeldOut:
 def exact_top_k(held: HeldOut, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Similarities and ids (m, k) of the ``k`` vectors of ``batches`` most similar to each held-out query.
 
-    Blocked NumPy matmul with a running top-k; each query's own id is left out.
+    FAISS's exact search (``faiss.knn``: BLAS in blocks, a heap per query) of each batch for k + 1,
+    merged into a running top-k; each query's own id is left out. Its memory is the (m, k + 1)
+    answers, not the (m, batch) similarities.
     """
+    faiss = import_faiss("on-disk index")
     m, k = len(held.queries), held.k
     best_s = np.full((m, k), -np.inf, dtype=np.float32)
     best_i = np.full((m, k), -1, dtype=np.int64)
-    block = max(1, BATCH_ENTRIES // max(1, m))
+    queries = np.ascontiguousarray(held.queries, dtype=np.float32)
     for ids, x in batches:
-        for s in range(0, len(x), block):
-            bid = ids[s : s + block]
-            sims = held.queries @ x[s : s + block].T
-            sims[held.ids[:, None] == bid[None, :]] = -np.inf
-            cand_s = np.concatenate([best_s, sims], axis=1)
-            cand_i = np.concatenate([best_i, np.broadcast_to(bid, sims.shape)], axis=1)
-            keep = np.argpartition(cand_s, cand_s.shape[1] - k, axis=1)[:, -k:]
-            best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+        if len(x) == 0:
+            continue
+        sims, rows = faiss.knn(queries, np.ascontiguousarray(x, dtype=np.float32), min(k + 1, len(x)),
+                               metric=faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        found = np.asarray(ids, dtype=np.int64)[rows]
+        sims[found == held.ids[:, None]] = -np.inf
+        cand_s = np.concatenate([best_s, sims], axis=1)
+        cand_i = np.concatenate([best_i, found], axis=1)
+        keep = np.argpartition(cand_s, cand_s.shape[1] - k, axis=1)[:, -k:]
+        best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
     return best_s, best_i
 
 
@@ -238,14 +256,29 @@ def _merge(trained_file: Path, shard_files: list[Path], ivfdata: Path) -> Any:
 
 # ------------------------------------------------------------------------------ the build
 
-FillShard = Callable[[int, Path, Path, HeldOut | None], tuple[np.ndarray, np.ndarray] | None]
+ShardTop = tuple[np.ndarray, np.ndarray] | None  # a shard's exact top-k of the held-out queries
+FillShard = Callable[[int, Path, Path, HeldOut | None], ShardTop]
+FillShards = Callable[[Path, list[Path], HeldOut | None], list[ShardTop]]
+
+
+def one_by_one(fill: FillShard) -> FillShards:
+    """Shards filled one after the other in this process: ``fill(i, trained_file, out_file, held)`` for each."""
+
+    def fill_shards(trained_file: Path, out_files: list[Path], held: HeldOut | None) -> list[ShardTop]:
+        tops = []
+        for i, out in enumerate(out_files):
+            with stage("shard %d/%d", i + 1, len(out_files)):
+                tops.append(fill(i, trained_file, out, held))
+        return tops
+
+    return fill_shards
 
 
 def build_ondisk(
     sample: np.ndarray,
     sample_ids: np.ndarray,
     n_shards: int,
-    fill: FillShard,
+    fill_shards: FillShards,
     folder: Path,
     factory: str | None = None,
     *,
@@ -262,13 +295,14 @@ def build_ondisk(
     sample, sample_ids
         L2-normalised training vectors drawn at random from all ``n_total``, and their ids;
         the held-out queries that tune the search are some of them.
-    n_shards, fill
-        ``fill(i, trained_file, out_file, held)`` writes shard ``i`` with :func:`fill_shard`
-        and returns its exact top-k of ``held``. Shards run one after the other here; each is
-        independent of the others (a cluster may run them as tasks).
+    n_shards, fill_shards
+        ``fill_shards(trained_file, out_files, held)`` writes shard ``i`` to ``out_files[i]``
+        with :func:`fill_shard` and returns each shard's exact top-k of ``held``, in order.
+        The shards are independent: :func:`one_by_one` fills them here, a cluster may run
+        each as a task.
     folder
         Receives ``index.ivfdata``; shards go to its subfolder ``.shards``, removed at the end
-        unless ``fill`` left other files there.
+        unless ``fill_shards`` left other files there.
     factory
         An IVF factory string; None or ``"auto"``: ``IVF{nlist},SQ8``, its lists rebuilt as
         SQfp16 on the same quantiser when SQ8 cannot reach ``target_recall`` (as in
@@ -294,7 +328,7 @@ def build_ondisk(
     rows = np.random.default_rng(seed).choice(len(sample), min(TUNE_QUERIES, len(sample)), replace=False)
     k = max(1, min(k, n_total - 1))
     held = HeldOut(sample[rows], np.asarray(sample_ids)[rows].astype(np.int64), k)
-    index, truth = _fill_and_merge(trained_file, n_shards, fill, folder, held)
+    index, truth = _fill_and_merge(trained_file, n_shards, fill_shards, folder, held)
     nlist = ivf_of(faiss, index).nlist
     settings = tune_held_out(
         index, held.queries, held.ids, truth, k, target_recall, nprobe, nlist // 4 if auto else None
@@ -309,7 +343,7 @@ def build_ondisk(
             del index  # unmaps the SQ8 lists before their file is replaced
             _as_fp16(faiss, trained_file)
             (folder / IVFDATA_FILE).unlink()
-            index, _ = _fill_and_merge(trained_file, n_shards, fill, folder, None)
+            index, _ = _fill_and_merge(trained_file, n_shards, fill_shards, folder, None)
             factory = f"IVF{nlist},SQfp16"
             settings = tune_held_out(index, held.queries, held.ids, truth, k, target_recall, nprobe, None)
         extra = {"codec": factory.split(",")[-1], "codec_reason": why}
@@ -324,18 +358,11 @@ def build_ondisk(
 
 
 def _fill_and_merge(
-    trained_file: Path, n_shards: int, fill: FillShard, folder: Path, held: HeldOut | None
+    trained_file: Path, n_shards: int, fill_shards: FillShards, folder: Path, held: HeldOut | None
 ) -> tuple[Any, np.ndarray | None]:
-    """Every shard filled, then merged into ``folder/index.ivfdata``; the exact top-k ids of ``held``."""
-    work = trained_file.parent
-    files, tops = [], []
-    for i in range(n_shards):
-        out = work / f"shard-{i:05d}.faiss"
-        with stage("shard %d/%d", i + 1, n_shards):
-            top = fill(i, trained_file, out, held)
-        files.append(out)
-        if top is not None:
-            tops.append(top)
+    """Every shard filled, then merged in shard order into ``folder/index.ivfdata``; the exact top-k ids of ``held``."""
+    files = [trained_file.parent / f"shard-{i:05d}.faiss" for i in range(n_shards)]
+    tops = [top for top in fill_shards(trained_file, files, held) if top is not None]
     with stage("merging %d shards into %s", n_shards, IVFDATA_FILE):
         index = _merge(trained_file, files, folder / IVFDATA_FILE)
     for f in files:
@@ -345,7 +372,8 @@ def _fill_and_merge(
 
 def _as_fp16(faiss: Any, trained_file: Path) -> None:
     """Rewrite the trained SQ8 index at ``trained_file`` as IVF-SQfp16 on the same coarse quantiser."""
-    ivf = faiss.extract_index_ivf(faiss.read_index(str(trained_file)))
+    trained = faiss.read_index(str(trained_file))
+    ivf = faiss.extract_index_ivf(trained)  # a view into ``trained``, which must outlive it
     quantizer = faiss.clone_index(ivf.quantizer)
     fp16 = faiss.IndexIVFScalarQuantizer(
         quantizer, ivf.d, ivf.nlist, faiss.ScalarQuantizer.QT_fp16, ivf.metric_type, ivf.by_residual
@@ -378,12 +406,10 @@ def build_ondisk_from_array(
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = x.shape
     budget = parse_memory_budget(memory_budget)
-    fac = ondisk_factory(factory, n, dim)
-    faiss = import_faiss("on-disk index")
-    ivf = ivf_of(faiss, _new_index(faiss, dim, fac, "ip"))
+    nlist, code_size = ivf_shape(ondisk_factory(factory, n, dim), dim)
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, sample_size(n, dim, ivf.nlist, budget), replace=False))
-    per_shard = shard_rows(budget, ivf.code_size)
+    rows = np.sort(rng.choice(n, sample_size(n, dim, nlist, budget), replace=False))
+    per_shard = shard_rows(budget, code_size)
     n_shards = math.ceil(n / per_shard)
 
     def fill(i: int, trained: Path, out: Path, held: HeldOut | None) -> Any:
@@ -396,5 +422,5 @@ def build_ondisk_from_array(
         )
         return fill_shard(trained, batches, out, held)
 
-    return build_ondisk(x[rows], rows, n_shards, fill, folder, factory, n_total=n, k=k,
+    return build_ondisk(x[rows], rows, n_shards, one_by_one(fill), folder, factory, n_total=n, k=k,
                         target_recall=target_recall, nprobe=nprobe, seed=seed)  # fmt: skip

@@ -99,6 +99,12 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 32,
     workers: Annotated[int, typer.Option(help="Worker processes reading tiles.")] = 2,
+    engine: Annotated[
+        str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install 'embedstore[ray]').")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray head node host:port; default RAY_ADDRESS, else Ray on this machine.")
+    ] = None,
 ) -> None:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store (resumable)."""
     from embedstore.embedding import embed as run_embed
@@ -106,6 +112,7 @@ def embed(
     report = run_embed(
         data, store, encoder, weights=weights, cohort=cohort, mpp=mpp, mpp_csv=mpp_csv,
         target_mpp=target_mpp, size_px=size, device=device, batch_size=batch_size, workers=workers,
+        engine=engine, address=address,
     )  # fmt: skip
     typer.echo(report.summary())
     typer.echo(f"table: {report.store}/embeddings/encoder={report.encoder}/cohort={report.cohort}/")
@@ -228,13 +235,23 @@ def index_tiles(
     memory_budget: Annotated[
         str | None, typer.Option(help="Memory the build may hold, e.g. 8GB; default: half the available memory.")
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local, or ray: the shards of an on-disk build as Ray tasks (pip install 'embedstore[ray]'; "
+            "the store at the same path on every node)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray head node host:port; default RAY_ADDRESS, else Ray on this machine.")
+    ] = None,
 ) -> None:
     """Build or update the tile index of a store (nearest-tile search in SQL and `embedstore search`)."""
     from embedstore.tile_index import build_tile_index
 
     report = build_tile_index(
         store, encoder, rebuild=rebuild, target_recall=target_recall, device=device, layout=layout,
-        memory_budget=memory_budget,
+        memory_budget=memory_budget, engine=engine, address=address,
     )  # fmt: skip
     typer.echo(report.summary())
     typer.echo(f"index -> {report.path}")
@@ -280,7 +297,12 @@ def search(
 def predict(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     store: Annotated[Path, typer.Option(help="Store with the query embeddings.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="AnnData file to write (.h5ad).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="AnnData file to write (.h5ad), or a folder: one .h5ad per slide (resumable)."
+        ),
+    ],
     slide: Annotated[list[str] | None, typer.Option(help="Slide id(s) to predict; all by default.")] = None,
     cohort: Annotated[str | None, typer.Option(help="Cohort of the query slides.")] = None,
     k: Annotated[int | None, typer.Option(help="Neighbours; the index's own by default.")] = None,
@@ -290,6 +312,12 @@ def predict(
         typer.Option(help="Leave out the exemplars of the query's own slide (slide) or its patient's (patient)."),
     ] = None,
     plot: Annotated[bool, typer.Option(help="Also write maps of the top predicted genes (PNG).")] = False,
+    engine: Annotated[
+        str, typer.Option(help="local, or ray: slides sharded over a Ray cluster (--out must be a folder).")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray head node host:port; default RAY_ADDRESS, else Ray on this machine.")
+    ] = None,
 ) -> None:
     """Predict expression for stored tiles and write AnnData (scanpy/squidpy ready)."""
     from embedstore._schema import Col
@@ -300,6 +328,24 @@ def predict(
     if exclude_own is not None and exclude_own not in own:
         msg = f"--exclude-own {exclude_own}: not a choice; use slide or patient"
         raise BadInput(msg)
+    if engine == "ray" or out.suffix != ".h5ad":  # a cohort: one file per slide
+        from embedstore.cohort_prediction import predict_cohort
+
+        if out.suffix == ".h5ad":
+            msg = f"--out {out}: --engine ray writes one .h5ad per slide into a folder; pass a folder"
+            raise BadInput(msg)
+        if plot:
+            msg = "--plot: maps are drawn for one .h5ad --out; pass --out FILE.h5ad (with --slide) to get them"
+            raise BadInput(msg)
+        report = predict_cohort(
+            index, store, out, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator,
+            exclude_own=own.get(exclude_own), engine=engine, address=address,
+        )  # fmt: skip
+        typer.echo(report.summary())
+        typer.echo(f"predictions -> {out}/<cohort>/<slide_id>.h5ad")
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     adata = run_predict(
         index, store, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator,
         exclude_own=own.get(exclude_own), out=out, plot=plot,

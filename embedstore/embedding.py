@@ -21,17 +21,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embedstore._atomic import disk_full, disk_full_errno
 from embedstore._params import validated
 from embedstore._progress import counter, step
-from embedstore._schema import Col, describe_geometry, geometry
+from embedstore._schema import Col, geometry
 from embedstore.errors import (
     BadInput,
-    DamagedFile,
-    DiskFull,
     EmbedstoreError,
-    FingerprintMismatch,
-    GeometryMismatch,
+)
+from embedstore.slide_jobs import (
+    EmbedSettings,
+    SlideJob,
+    SlideResult,
+    missing_image,
+    published_result,
+    results_table,
+    slide_failure,
+    tile_table,
 )
 
 LOG = logging.getLogger(__name__)
@@ -40,27 +45,6 @@ SLIDE_SUFFIXES = (
     ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif", ".svslide",
     ".jpg", ".jpeg", ".png",
 )  # fmt: skip
-
-
-@dataclasses.dataclass
-class SlideJob:
-    """One slide to embed: where it is, how to tile it, and its spots if it has any."""
-
-    slide_id: str
-    path: Path | None  # None: an ST section whose image is missing (reported as failed)
-    mpp: float | None = None
-    spots: Any = None  # AnnData of an ST section (spot-centred tiles), or None (tissue grid)
-
-
-@dataclasses.dataclass
-class SlideResult:
-    """What happened to one slide in a run."""
-
-    slide_id: str
-    status: str  # "done" | "skipped" | "failed"
-    n_tiles: int = 0
-    seconds: float = 0.0
-    reason: str = ""
 
 
 @dataclasses.dataclass
@@ -79,12 +63,7 @@ class EmbedReport:
 
     def summary(self) -> str:
         """A plain-text table, one line per slide."""
-        lines = [f"{'slide':<32} {'status':<8} {'tiles':>7} {'s':>7}  reason"]
-        for r in self.results:
-            lines.append(f"{r.slide_id:<32} {r.status:<8} {r.n_tiles:>7} {r.seconds:>7.1f}  {r.reason}")
-        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
-        lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
-        return "\n".join(lines)
+        return results_table(self.results)
 
 
 def find_jobs(
@@ -156,6 +135,8 @@ def embed(
     loader: str = "auto",
     progress: bool = True,
     slide_ids: Sequence[str] | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> EmbedReport:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store.
 
@@ -193,6 +174,14 @@ def embed(
         Show progress: a line per slide, and a bar with tiles/s on a terminal.
     slide_ids
         Embed only these slides (or ST sections) of ``data``; all by default.
+    engine
+        ``"local"``: this process and its reader threads. ``"ray"``: a Ray cluster reads tiles
+        in CPU tasks and runs the encoder in actors (one model load each, a GPU each when
+        CUDA is present); this process writes the store, with the same locks, staging and
+        atomic publish, so the table is the local engine's (see :mod:`embedstore.ray_embed`).
+    address
+        Ray cluster address (``host:port``) for ``engine="ray"``; default: ``RAY_ADDRESS``,
+        else a Ray instance started on this machine.
 
     A published slide file that is damaged (truncated, zeroed, empty, incomplete, or not
     embedstore's) is not done: it is moved to ``STORE/_quarantine/`` with a warning and the
@@ -203,6 +192,9 @@ def embed(
     from embedstore.store import open_store
     from embedstore.store._files import check_name
 
+    if engine not in ("local", "ray"):
+        msg = f"engine {engine!r}: not an engine; use local or ray"
+        raise BadInput(msg)
     # The input is read and checked before the store folder is created, so bad input leaves nothing.
     jobs, default_cohort = find_jobs(data, mpp=mpp, mpp_csv=mpp_csv)
     if slide_ids is not None:
@@ -212,73 +204,71 @@ def embed(
             raise BadInput(msg)
         jobs = [j for j in jobs if j.slide_id in set(slide_ids)]
     cohort = check_name(cohort or default_cohort, "cohort")
+    if engine == "ray":  # a missing extra or an unreachable cluster fails before the store is created
+        from embedstore import ray_embed
+
+        ray_embed.preflight(address)
     out = open_store(store, read_only=False)
     out.check_writable()  # before the model is loaded and any tile is read
-    enc = create_encoder(encoder or DEFAULT_ENCODER, weights=weights).to(device)
-    target_mpp = target_mpp or enc.cfg.target_mpp
-    meta = enc.metadata()
-    geom = geometry(target_mpp, size_px)
+    # On Ray this copy of the encoder only names and fingerprints it; the actors run their own.
+    enc = create_encoder(encoder or DEFAULT_ENCODER, weights=weights).to(device if engine == "local" else "cpu")
+    settings = EmbedSettings(
+        data=Path(data),
+        cohort=cohort,
+        encoder=enc.name,
+        weights=weights,
+        target_mpp=target_mpp or enc.cfg.target_mpp,
+        size_px=size_px,
+        min_tissue=min_tissue,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        loader=loader,
+        progress=progress,
+    )
     LOG.info("embedding %d slide(s) of cohort %s with %s into %s", len(jobs), cohort, enc.name, out.root)
+    if engine == "ray":
+        results = ray_embed.embed_slides(jobs, out, enc.metadata(), settings, address)
+    else:
+        results = _embed_slides_here(jobs, out, enc, settings)
+    return EmbedReport(out.root, enc.name, cohort, results)
 
+
+def _embed_slides_here(jobs: list[SlideJob], out: Any, enc: Any, settings: EmbedSettings) -> list[SlideResult]:
+    """The local engine: slide after slide in this process, tiles read by threads or worker processes."""
+    meta = enc.metadata()
     results: dict[str, SlideResult] = {}
     deferred: list[SlideJob] = []
 
     def run(job: SlideJob, blocking: bool) -> bool:
         start = time.perf_counter()
         if job.path is None:
-            reason = f"{data}: section {job.slide_id} has no image; add its full-resolution H&E image to the data set"
-            results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, 0.0, reason)
-            LOG.error("%s", reason)
+            results[job.slide_id] = missing_image(job, settings)
             return True
-        with out.lock_slide(enc.name, cohort, job.slide_id, blocking=blocking) as acquired:
+        with out.lock_slide(enc.name, settings.cohort, job.slide_id, blocking=blocking) as acquired:
             if not acquired:
                 return False
             try:
-                published = _published(job, out, meta, geom, cohort)
+                published = published_result(job, out, meta, settings.geometry, settings.cohort)
                 if published is not None:
                     results[job.slide_id] = published
                     return True
-                source = {
-                    "data": str(Path(data if job.spots is not None else job.path).resolve()),
-                    "kind": "st" if job.spots is not None else "slide",
-                    "cohort": cohort,
-                    "slide_id": job.slide_id,
-                    "mpp": job.mpp,
-                    "encoder": enc.name,
-                    "weights": weights,
-                    "target_mpp": target_mpp,
-                    "size_px": size_px,
-                    "min_tissue": min_tissue,
-                }
-                if job.spots is not None and job.path is not None:  # what a prediction's H&E needs, without the counts
-                    source["image"] = str(Path(job.path).resolve())
-                    source["spot_diameter_um"] = job.spots.uns["embedstore"].get("spot_diameter_um")
                 n = _embed_slide(
                     job,
                     out,
                     enc,
                     meta,
-                    cohort,
-                    (target_mpp, size_px, min_tissue),
-                    (batch_size, workers, loader),
-                    progress,
-                    source,
+                    settings.cohort,
+                    (settings.target_mpp, settings.size_px, settings.min_tissue),
+                    (settings.batch_size, settings.workers, settings.loader),
+                    settings.progress,
+                    settings.source(job),
                 )
-            except DiskFull:
-                raise  # the machine's fault, not this slide's: every later slide would fail the same way
-            except EmbedstoreError as e:
-                results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, str(e))
-                LOG.error("%s", e)
-            except Exception as e:  # one broken slide must not stop the cohort; the summary names it
-                code = disk_full_errno(e)
-                if code is not None:  # a full disk met outside the store's writers stops the run too
-                    raise disk_full(out.root, code, 0) from e
-                LOG.exception("slide %s failed", job.slide_id)
-                reason = f"{job.path}: {type(e).__name__}: {e}"
-                results[job.slide_id] = SlideResult(job.slide_id, "failed", 0, time.perf_counter() - start, reason)
+            except Exception as e:  # noqa: BLE001  (one broken slide must not stop the cohort; the summary names it)
+                results[job.slide_id] = slide_failure(job, e, time.perf_counter() - start, out.root)
             else:
                 results[job.slide_id] = SlideResult(job.slide_id, "done", n, time.perf_counter() - start)
-                if progress:
+                if settings.progress:
                     step("%s: %d tiles embedded (%.1f s)", job.slide_id, n, time.perf_counter() - start)
         return True
 
@@ -288,57 +278,7 @@ def embed(
             deferred.append(job)
     for job in deferred:  # wait for the other run, then skip (complete) or resume (it died)
         run(job, blocking=True)
-    ordered = [results[j.slide_id] for j in jobs]
-    return EmbedReport(out.root, enc.name, cohort, ordered)
-
-
-def _tile_table(job: SlideJob, slide: Any, target_mpp: float, size_px: int, min_tissue: float) -> pa.Table:
-    from embedstore import tiling
-
-    if job.spots is None:
-        return tiling.grid_tiles(slide, target_mpp=target_mpp, size_px=size_px, min_tissue=min_tissue)
-    spot_ids = job.spots.obs[Col.SPOT_ID].astype(str).tolist()
-    return tiling.spot_tiles(
-        slide, np.asarray(job.spots.obsm["spatial"]), spot_ids, target_mpp=target_mpp, size_px=size_px
-    )
-
-
-def _published(job: SlideJob, out: Any, meta: dict, geom: dict, cohort: str) -> SlideResult | None:
-    """The result of a slide already done (a valid published file of this encoder and geometry), else None.
-
-    A damaged published file is moved aside (never deleted) and the slide counts as not done;
-    staged parts left by a run killed after publishing are cleared; a section whose spots or
-    expression file is damaged or missing gets them rewritten without re-embedding.
-    """
-    try:
-        info = out.published_slide(meta["name"], cohort, job.slide_id)
-    except DamagedFile as e:
-        LOG.warning("%s: %s; moved it to %s and embedding the slide again", e.path, e.problem, out.quarantine(e.path))
-        return None
-    if info is None:
-        return None
-    if info.fingerprint != meta["fingerprint"]:
-        msg = (
-            f"{info.path}: the slide is stored with encoder fingerprint {info.fingerprint}, this run's encoder has "
-            f"{meta['fingerprint']}; embed into another store, or use the weights the store was embedded with"
-        )
-        raise FingerprintMismatch(msg)
-    if info.geometry != geom:
-        msg = (
-            f"{info.path}: the slide is stored tiled at {describe_geometry(info.geometry)}, this run tiles at "
-            f"{describe_geometry(geom)}; rerun with --target-mpp {info.geometry['mpp']} --size "
-            f"{info.geometry['size_px']}, or embed into another store"
-        )
-        raise GeometryMismatch(msg)
-    out.clear_stale_staging(meta["name"], cohort, job.slide_id)
-    damaged = out.damaged_section_files(cohort, job.slide_id) if job.spots is not None else []
-    if damaged:
-        for path, problem in damaged:
-            moved = f"; moved it to {out.quarantine(path)}" if path.exists() else ""
-            LOG.warning("%s: %s%s; writing the section's spots and expression again", path, problem, moved)
-        out.write_spots_anndata(cohort, job.slide_id, job.spots)
-        return SlideResult(job.slide_id, "done", info.num_rows, 0.0, "spots and expression rewritten")
-    return SlideResult(job.slide_id, "skipped", 0, 0.0, "already in the store")
+    return [results[j.slide_id] for j in jobs]
 
 
 def _embed_slide(
@@ -358,7 +298,7 @@ def _embed_slide(
     target_mpp, size_px, min_tissue = tiling_args
     batch_size, workers, loader = reading
     with slides.open_slide(job.path, mpp=job.mpp, slide_id=job.slide_id) as slide:
-        tiles = _tile_table(job, slide, target_mpp, size_px, min_tissue)
+        tiles = tile_table(job, slide, target_mpp, size_px, min_tissue)
     if tiles.num_rows == 0:
         msg = f"{job.path}: no tiles (no tissue found at {target_mpp} µm/px); check the slide or lower --min-tissue"
         raise BadInput(msg)

@@ -67,3 +67,13 @@ class DiskFull(EmbedstoreError):
     """
 
     exit_code = 1
+
+
+class ClusterFailure(EmbedstoreError):
+    """The Ray cluster failed in a way Ray could not recover (every retry of a task or actor spent).
+
+    Not the user's input: the command line exits with 1. What was staged is kept, so a rerun
+    resumes.
+    """
+
+    exit_code = 1

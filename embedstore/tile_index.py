@@ -9,13 +9,14 @@ reached. Each run publishes the whole folder in one atomic swap, under a lock.
 
 When the store's vectors do not fit in the memory budget, the index is built out of core
 (:mod:`embedstore._ondisk`): trained on a sample, filled shard by shard from the slide files
-read row group by row group (:func:`build_tile_shard`, one plain function per shard), its
-inverted lists merged by FAISS into ``index.ivfdata`` beside ``index.faiss`` and memory-mapped
-by searches.
+read row group by row group (:func:`build_tile_shard`, one plain function per shard: here one
+after the other, or on a Ray cluster one task per shard), its inverted lists merged by FAISS
+into ``index.ivfdata`` beside ``index.faiss`` and memory-mapped by searches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -29,13 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedstore import _knn, _ondisk
+from embedstore import _knn, _ondisk, _ray
 from embedstore._atomic import atomic_folder
 from embedstore._knn import default_factory, import_faiss
 from embedstore._progress import counter, stage, step
 from embedstore._schema import META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION
-from embedstore._vectors import ivf_of, l2_normalize
-from embedstore.errors import BadInput
+from embedstore._vectors import l2_normalize
+from embedstore.errors import BadInput, EmbedstoreError
 from embedstore.store import Store, open_store
 from embedstore.store._files import file_lock, lock_holder
 from embedstore.store._store import check_writable
@@ -78,6 +79,9 @@ __all__ = [
 ]
 
 GROWTH_REBUILD = 2.0  # an IVF index trained on n tiles is rebuilt once it holds more than 2n
+ENGINES = ("local", "ray")
+RAY_PURPOSE = "index tiles --engine ray"
+SHARD_RETRIES = 3  # times Ray runs a shard again whose worker or node died
 
 
 @dataclasses.dataclass
@@ -122,6 +126,8 @@ def build_tile_index(
     seed: int = 0,
     layout: str = "auto",
     memory_budget: int | str | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> TileIndexReport:
     """Create or update the tile index of one encoder of a store.
 
@@ -151,6 +157,14 @@ def build_tile_index(
     memory_budget
         Bytes (or text such as ``"8GB"``) the build may hold; None: half the available memory.
         It also bounds the training sample and the shards of an on-disk build.
+    engine
+        Where the shards of an on-disk build are filled: ``"local"``, one after the other in
+        this process, or ``"ray"``, one Ray task per shard (one CPU each, run again if its
+        worker dies); either way they are merged here by FAISS into the same index. The store
+        must be at the same path on every node. In-memory builds and updates run here.
+    address
+        Ray cluster (``host:port`` of the head node) for ``engine="ray"``; default
+        ``RAY_ADDRESS``, else Ray started on this machine.
 
     An existing index is updated: slides embedded since are added, removed or re-embedded
     ones dropped (and re-added), without retraining. It is rebuilt when the encoder's
@@ -163,6 +177,11 @@ def build_tile_index(
     if not 0 < target_recall <= 1:
         msg = f"target_recall={target_recall}: must be in (0, 1], e.g. 0.95"
         raise BadInput(msg)
+    if engine not in ENGINES:
+        msg = f"engine {engine!r}: not an engine; use local or ray"
+        raise BadInput(msg)
+    if engine == "ray":  # a missing extra or an unreachable cluster fails before anything is written
+        _ray.preflight(address, RAY_PURPOSE)
     folder = index_folder(st.root, enc)
     check_writable(folder.parent)
     lock = st.root / "_locks" / FOLDER / f"encoder={enc}.lock"
@@ -184,9 +203,18 @@ def build_tile_index(
             if old is not None:
                 step("tile index of %s: rebuilding (%s)", enc, why)
             if where == "ondisk":
-                return _build_ondisk(st, enc, folder, slides, fingerprint, dim, factory, target_recall, k, seed, budget)
+                return _build_ondisk(
+                    st, enc, folder, slides, fingerprint, dim, factory, target_recall, k, seed, budget, engine, address
+                )
+            _here(engine, "an in-memory build")
             return _build(st, enc, folder, slides, fingerprint, dim, factory, target_recall, k, device, seed)
+        _here(engine, "an update")
         return _update(st, enc, folder, old, slides, fingerprint)
+
+
+def _here(engine: str, what: str) -> None:
+    if engine != "local":
+        step("tile index: %s runs in this process (the %s engine fills the shards of on-disk builds)", what, engine)
 
 
 def _rows(ref: SlideRef) -> int:
@@ -385,30 +413,28 @@ def _sample(st: Store, enc: str, slides: list[SlideRef], sizes: list[int], finge
     return out, picked
 
 
-def _build_ondisk(st, enc, folder, slides, fingerprint, dim, factory, target, k, seed, budget) -> TileIndexReport:
-    """The tile index built out of core: sample, shards of whole slides, lists merged on disk."""
+def _build_ondisk(
+    st, enc, folder, slides, fingerprint, dim, factory, target, k, seed, budget, engine, address
+) -> TileIndexReport:
+    """The tile index built out of core: sample, shards of whole slides (filled by ``engine``), lists merged on disk."""
     sizes = [_rows(s) for s in slides]
     n = sum(sizes)
-    fac = _ondisk.ondisk_factory(None if factory == "auto" else factory, n, dim)
-    faiss = import_faiss("build_tile_index")
-    ivf = ivf_of(faiss, _knn._new_index(faiss, dim, fac, "ip"))
-    n_sample = _ondisk.sample_size(n, dim, ivf.nlist, budget)
-    with stage("tile index of %s: sampling %d of %d tiles for training", enc, n_sample, n):
-        sample, sample_ids = _sample(st, enc, slides, sizes, fingerprint, dim, n_sample, seed)
+    nlist, code_size = _ondisk.ivf_shape(_ondisk.ondisk_factory(None if factory == "auto" else factory, n, dim), dim)
+    n_sample = _ondisk.sample_size(n, dim, nlist, budget)
     bases = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-    shards = _shards(st, enc, fingerprint, slides, bases, sizes, _ondisk.shard_rows(budget, ivf.code_size))
+    shards = _shards(st, enc, fingerprint, slides, bases, sizes, _ondisk.shard_rows(budget, code_size))
     entries = [
         {"cohort": s.cohort, "slide_id": s.slide_id, "version": list(s.version), "base": b, "n": m}
         for s, b, m in zip(slides, bases, sizes, strict=True)
     ]
-    size_hint = n * (ivf.code_size + 8) + 100 * n
-    with atomic_folder(folder, size_hint=size_hint) as tmp:
+    size_hint = n * (code_size + 8) + 100 * n
+    with atomic_folder(folder, size_hint=size_hint) as tmp, _shard_filler(engine, address, st, tmp, shards) as fill:
+        with stage("tile index of %s: sampling %d of %d tiles for training", enc, n_sample, n):
+            sample, sample_ids = _sample(st, enc, slides, sizes, fingerprint, dim, n_sample, seed)
         with stage("tile index of %s: building over %d tiles in %d shards, lists on disk", enc, n, len(shards)):
             index, search = _ondisk.build_ondisk(
-                sample, sample_ids, len(shards),
-                lambda i, trained, out, held: build_tile_shard(shards[i], trained, out, held),
-                tmp, None if factory == "auto" else factory, n_total=n, k=min(k, n - 1) or 1,
-                target_recall=target, seed=seed,
+                sample, sample_ids, len(shards), fill, tmp, None if factory == "auto" else factory, n_total=n,
+                k=min(k, n - 1) or 1, target_recall=target, seed=seed,
             )  # fmt: skip
             del sample
             work = tmp / _ondisk.SHARDS_DIR
@@ -420,6 +446,53 @@ def _build_ondisk(st, enc, folder, slides, fingerprint, dim, factory, target, k,
         del index  # unmapped before the folder is published
     search = {**search, "layout": layout}
     return TileIndexReport(folder, enc, n, len(entries), [e["slide_id"] for e in entries], [], True, search)
+
+
+@contextlib.contextmanager
+def _shard_filler(
+    engine: str, address: str | None, st: Store, tmp: Path, shards: list[TileShard]
+) -> Iterator[_ondisk.FillShards]:
+    """How the shards are filled: here one after the other, or as tasks of a Ray cluster whose nodes see the store."""
+    if engine == "local":
+        yield _ondisk.one_by_one(lambda i, trained, out, held: build_tile_shard(shards[i], trained, out, held))
+        return
+    with _ray.session(address, RAY_PURPOSE) as ray:
+        _ray.check_nodes_see(ray, [st.root], "the store", shared_dir=tmp)
+        yield _on_ray(ray, shards)
+
+
+def _on_ray(ray: Any, shards: list[TileShard]) -> _ondisk.FillShards:
+    """Fill the shards as Ray tasks (one CPU each), in parallel; the first that fails stops the others.
+
+    A slide with bad data fails its task with the one-line error that names the file; a shard whose
+    workers died more than SHARD_RETRIES times fails as :class:`~embedstore.errors.ClusterFailure`.
+    """
+    task = ray.remote(num_cpus=1, max_retries=SHARD_RETRIES)(build_tile_shard)
+
+    def fill_shards(trained_file: Path, out_files: list[Path], held: _ondisk.HeldOut | None) -> list[_ondisk.ShardTop]:
+        held_ref = ray.put(held)  # one copy in the object store for every task
+        refs = [task.remote(s, str(trained_file), str(o), held_ref) for s, o in zip(shards, out_files, strict=True)]
+        number = {ref: i + 1 for i, ref in enumerate(refs)}
+        waiting = list(refs)
+        with _ray.cluster_errors("the tile index is left as it was; rerun the build"):
+            try:
+                while waiting:
+                    done, waiting = ray.wait(waiting, num_returns=1)
+                    ray.get(done)
+                    step("shard %d/%d filled on the cluster", number[done[0]], len(refs))
+            except ray.exceptions.RayError as e:
+                for ref in waiting:  # no task may still write into the folder being built when it is removed
+                    ray.cancel(ref, force=True)
+                for ref in waiting:
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.get(ref)
+                if isinstance(getattr(e, "cause", None), EmbedstoreError):
+                    # Ray's wrapper is also an instance of the cause's class, its text a traceback
+                    raise e.cause from None
+                raise
+            return ray.get(refs)
+
+    return fill_shards
 
 
 def _shards(st, enc, fingerprint, slides, bases, sizes, per_shard: int) -> list[TileShard]:

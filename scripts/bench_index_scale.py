@@ -10,11 +10,16 @@ nprobe (the one tuned for the on-disk build), answer ``--queries`` fresh queries
 against an exact NumPy scan of the store, and queries/s (``index.search`` of all queries at once,
 on-disk memory-mapped vs in-memory, alternated A/B, median of paired ratios).
 
+With ``--ray-pairs N``, the on-disk build at the smallest size is also timed with its shards
+filled by Ray tasks (``engine="ray"``, Ray started on this machine by the call, its start-up
+included) against the local engine: N pairs, alternated, median of paired ratios ray / local.
+
 Usage::
 
     .venv/bin/python scripts/bench_index_scale.py          # 0.5M, 1M, 2M x 256 (2 GB per copy on disk)
     .venv/bin/python scripts/bench_index_scale.py --sizes 100000 200000 400000 --factory IVF1024,SQ8 \\
         --memory-budget 256MB
+    .venv/bin/python scripts/bench_index_scale.py --sizes 500000 --ray-pairs 2 --store /tmp/bench_ray/store
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     report = es.build_tile_index(
         args.store, factory=args.factory, layout=args.layout, memory_budget=args.memory_budget, rebuild=True,
-        device="cpu",
+        device="cpu", engine=args.engine,
     )  # fmt: skip
     wall = time.perf_counter() - t
     done.set()
@@ -122,9 +127,9 @@ def exact_top10(store, q: np.ndarray) -> np.ndarray:
     return best_i
 
 
-def build(args: argparse.Namespace, layout: str) -> dict:
+def build(args: argparse.Namespace, layout: str, engine: str = "local") -> dict:
     cmd = [sys.executable, __file__, "--child", "--store", str(args.store), "--layout", layout,
-           "--factory", args.factory, "--memory-budget", args.memory_budget]  # fmt: skip
+           "--factory", args.factory, "--memory-budget", args.memory_budget, "--engine", engine]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -140,6 +145,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--store", type=Path, default=Path("/tmp/bench_index_scale/store"))
     p.add_argument("--layout", default="ondisk")
+    p.add_argument("--engine", default="local", help=argparse.SUPPRESS)
+    p.add_argument("--ray-pairs", type=int, default=0, help="time the on-disk build on Ray vs local: pairs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -159,7 +166,7 @@ def main() -> None:
     store = open_store(args.store, read_only=False)
     centres = np.random.default_rng(123).standard_normal((1000, args.dim)).astype(np.float32)
     q = mixture(args.queries, centres, np.random.default_rng(10**6))
-    rows = []
+    rows, engines = [], None
     for n_at, n in enumerate(sorted(args.sizes)):
         t = time.perf_counter()
         grow(store, n, args.tiles, centres)
@@ -188,6 +195,8 @@ def main() -> None:
                 times[layout].append(time.perf_counter() - t)
         ratio = statistics.median(m / d for m, d in zip(times["memory"], times["ondisk"], strict=True))
         rows.append((n, res, recall, {k: len(q) / statistics.median(v) for k, v in times.items()}, ratio, nprobe))
+        if n_at == 0 and args.ray_pairs:
+            engines = (n, time_engines(args))
     print(
         "\n| n | layout | build s | peak RSS (VmHWM) MB | peak anonymous RSS MB | factory | recall@10 (200 q) | q/s |"
     )
@@ -202,6 +211,22 @@ def main() -> None:
         first, last = rows[0][1]["ondisk"][key], rows[-1][1]["ondisk"][key]
         print(f"on-disk build {key}: {first:.0f} -> {last:.0f} MB ({last / first:.2f}x) while n grows "
               f"{rows[-1][0] / rows[0][0]:.0f}x")  # fmt: skip
+    if engines:
+        n, walls = engines
+        ratio = statistics.median(r / lo for r, lo in zip(walls["ray"], walls["local"], strict=True))
+        print(f"\non-disk build of {n:,} tiles, shards on Ray vs local: local {statistics.median(walls['local']):.1f} s, "
+              f"ray {statistics.median(walls['ray']):.1f} s (median), ray / local {ratio:.2f} "
+              f"(median of {len(walls['ray'])} paired ratios)")  # fmt: skip
+
+
+def time_engines(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Wall time of the on-disk build with each engine, in alternated pairs (which goes first alternates too)."""
+    walls: dict[str, list[float]] = {"local": [], "ray": []}
+    for i in range(args.ray_pairs):
+        for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
+            walls[engine].append(build(args, "ondisk", engine)["wall_s"])
+            print(engine, f"{walls[engine][-1]:.1f} s", flush=True)
+    return walls
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 
 import faiss
 import numpy as np
@@ -80,6 +81,24 @@ def test_exact_top_k_of_shards_equals_numpy_brute_force():
     assert [set(f) for f in found] == [set(t) for t in truth]
 
 
+def test_exact_top_k_holds_its_answers_not_a_matrix_of_similarities():
+    # the neighbours that tune an on-disk build were found through (queries x block) similarity and id
+    # matrices, ~420 MB a shard at 1,000 queries: most of the build's peak memory
+    x = l2_normalize(vectors(20_000, seed=4))
+    ids = np.arange(20_000) + 7
+    held = ondisk.HeldOut(x[:200].copy(), ids[:200], 10)
+    tracemalloc.start()
+    try:
+        _, found = ondisk.exact_top_k(held, [(ids, x)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 * 20_000 * 4 // 4  # a quarter of one (queries x batch) float32 matrix
+    sims = held.queries @ x.T
+    sims[np.arange(200), np.arange(200)] = -np.inf
+    assert [set(f) for f in found] == [set(t) for t in ids[np.argsort(-sims, axis=1)[:, :10]]]
+
+
 def test_ondisk_tile_index_recall_matches_the_in_memory_one(big_store, tmp_path):
     q = vectors(200, seed=7)
     truth = brute_force(big_store, q, 10)
@@ -108,6 +127,29 @@ def test_ondisk_tile_index_recall_matches_the_in_memory_one(big_store, tmp_path)
     shutil.move(big_store.root, moved)
     assert hits_of(ti.nearest_tiles(moved, q, 10), len(q)) == hits_of(ti.nearest_tiles(moved, q, 10), len(q))
     assert recall(hits_of(ti.nearest_tiles(moved, q, 10), len(q)), truth) == on_disk
+
+
+def test_shards_follow_the_budget_whatever_reuses_the_memory_of_freed_indexes(big_store, monkeypatch):
+    # the IVF shape that sizes the shards was read from a view into an index already freed: new
+    # faiss objects of the same class take its memory, and their code size sized the shards
+    sample = ti._sample
+
+    def sample_then_allocate(*args, **kwargs):
+        out = sample(*args, **kwargs)
+        others = [faiss.index_factory(64, "IVF8,SQfp16", faiss.METRIC_INNER_PRODUCT) for _ in range(200)]
+        del others
+        return out
+
+    monkeypatch.setattr(ti, "_sample", sample_then_allocate)
+    report = ti.build_tile_index(big_store, factory=FACTORY, layout="ondisk", memory_budget=300_000)
+    per_shard = ondisk.shard_rows(300_000, 16)  # IVF32,SQ8 at 16-d: 16 bytes a code
+    shards, rows = 1, 0
+    for _, _, n in SLIDES:
+        if rows and rows + n > per_shard:
+            shards, rows = shards + 1, 0
+        rows += n
+    assert report.search["layout"]["n_shards"] == shards
+    assert ondisk.ivf_shape(FACTORY, 16) == (32, 16)
 
 
 def test_auto_layout_goes_on_disk_past_the_budget(big_store):
