@@ -209,8 +209,8 @@ def cluster_errors(what_remains: str) -> Iterator[None]:
         cause = _cause(e)
         if isinstance(cause, EmbedstoreError) and not _from_ray(cause):  # e.g. weights missing on a worker
             raise cause from None
-        last = (str(cause).strip().splitlines() or [""])[-1]
-        msg = f"the Ray cluster failed ({type(cause).__name__}: {last}); {what_remains}"
+        lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()] or [repr(cause)]
+        msg = f"the Ray cluster failed ({type(cause).__name__}: {lines[-1]}); {what_remains}"
         raise ClusterFailure(msg) from e
 
 

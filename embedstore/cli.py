@@ -28,6 +28,19 @@ app.add_typer(index_app, name="index")
 # Paths are checked by the library, which names the file and the fix in one line (exit 2);
 # typer's own check would print a multi-line usage box instead.
 InputPath = Annotated[Path, typer.Argument(help="Input file or folder.")]
+# Options several commands share.
+LayoutOption = Annotated[
+    str,
+    typer.Option(
+        help="auto, memory or ondisk: where the FAISS inverted lists live (auto: on disk past --memory-budget)."
+    ),
+]
+MemoryBudgetOption = Annotated[
+    str | None, typer.Option(help="Memory the build may hold, e.g. 8GB; default: half the available memory.")
+]
+AddressOption = Annotated[
+    str | None, typer.Option(help="Ray head node host:port; default RAY_ADDRESS, else Ray on this machine.")
+]
 
 
 @app.callback()
@@ -102,9 +115,7 @@ def embed(
     engine: Annotated[
         str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install 'embedstore[ray]').")
     ] = "local",
-    address: Annotated[
-        str | None, typer.Option(help="Ray head node host:port; default RAY_ADDRESS, else Ray on this machine.")
-    ] = None,
+    address: AddressOption = None,
 ) -> None:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store (resumable)."""
     from embedstore.embedding import embed as run_embed
@@ -189,15 +200,8 @@ def index_build(
     recipe: Annotated[str, typer.Argument(help="Recipe name (see `index list`) or a .toml file.")],
     store: Annotated[Path, typer.Option(help="Store holding the reference embeddings and expression.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")],
-    layout: Annotated[
-        str,
-        typer.Option(
-            help="auto, memory or ondisk: where the FAISS inverted lists live (auto: on disk past --memory-budget)."
-        ),
-    ] = "auto",
-    memory_budget: Annotated[
-        str | None, typer.Option(help="Memory the build may hold, e.g. 8GB; default: half the available memory.")
-    ] = None,
+    layout: LayoutOption = "auto",
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Build an exemplar index (aligner, FAISS, aggregator) from a recipe."""
     from embedstore.build import build_index
@@ -226,15 +230,8 @@ def index_tiles(
         float, typer.Option(help="Recall@10 the search settings must reach on held-out tiles.")
     ] = 0.95,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] for building.")] = "auto",
-    layout: Annotated[
-        str,
-        typer.Option(
-            help="auto, memory or ondisk: where the FAISS inverted lists live (auto: on disk past --memory-budget)."
-        ),
-    ] = "auto",
-    memory_budget: Annotated[
-        str | None, typer.Option(help="Memory the build may hold, e.g. 8GB; default: half the available memory.")
-    ] = None,
+    layout: LayoutOption = "auto",
+    memory_budget: MemoryBudgetOption = None,
     engine: Annotated[
         str,
         typer.Option(
@@ -242,9 +239,7 @@ def index_tiles(
             "the store at the same path on every node)."
         ),
     ] = "local",
-    address: Annotated[
-        str | None, typer.Option(help="Ray head node host:port; default RAY_ADDRESS, else Ray on this machine.")
-    ] = None,
+    address: AddressOption = None,
 ) -> None:
     """Build or update the tile index of a store (nearest-tile search in SQL and `embedstore search`)."""
     from embedstore.tile_index import build_tile_index
@@ -315,9 +310,7 @@ def predict(
     engine: Annotated[
         str, typer.Option(help="local, or ray: slides sharded over a Ray cluster (--out must be a folder).")
     ] = "local",
-    address: Annotated[
-        str | None, typer.Option(help="Ray head node host:port; default RAY_ADDRESS, else Ray on this machine.")
-    ] = None,
+    address: AddressOption = None,
 ) -> None:
     """Predict expression for stored tiles and write AnnData (scanpy/squidpy ready)."""
     from embedstore._schema import Col

@@ -27,7 +27,7 @@ from embedstore import _ray
 from embedstore._atomic import KIND_KEY, atomic_file, check_replaceable
 from embedstore._progress import step
 from embedstore.errors import BadInput, EmbedstoreError
-from embedstore.slide_jobs import SlideResult, results_table
+from embedstore.slide_jobs import SlideReport, SlideResult
 
 LOG = logging.getLogger(__name__)
 
@@ -53,20 +53,11 @@ class PredictSettings:
 
 
 @dataclasses.dataclass
-class CohortPrediction:
-    """Per-slide outcome of :func:`predict_cohort`, and where the files are."""
+class CohortPrediction(SlideReport):
+    """Per-slide outcome of :func:`predict_cohort` (``ok``, ``summary()``), and where the files are."""
 
     out: Path
     results: list[SlideResult]
-
-    @property
-    def ok(self) -> bool:
-        """True when no slide failed."""
-        return all(r.status != "failed" for r in self.results)
-
-    def summary(self) -> str:
-        """A plain-text table, one line per slide."""
-        return results_table(self.results)
 
 
 def slide_file(out: Path, cohort: str, slide_id: str) -> Path:

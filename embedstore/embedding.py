@@ -31,10 +31,10 @@ from embedstore.errors import (
 from embedstore.slide_jobs import (
     EmbedSettings,
     SlideJob,
+    SlideReport,
     SlideResult,
     missing_image,
     published_result,
-    results_table,
     slide_failure,
     tile_table,
 )
@@ -48,22 +48,13 @@ SLIDE_SUFFIXES = (
 
 
 @dataclasses.dataclass
-class EmbedReport:
-    """Per-slide outcome of :func:`embed`, and where the table is."""
+class EmbedReport(SlideReport):
+    """Per-slide outcome of :func:`embed` (``ok``, ``summary()``), and where the table is."""
 
     store: Path
     encoder: str
     cohort: str
     results: list[SlideResult]
-
-    @property
-    def ok(self) -> bool:
-        """True when no requested slide failed."""
-        return all(r.status != "failed" for r in self.results)
-
-    def summary(self) -> str:
-        """A plain-text table, one line per slide."""
-        return results_table(self.results)
 
 
 def find_jobs(

@@ -31,7 +31,7 @@ import pyarrow as pa
 from embedstore import _ray
 from embedstore._progress import counter, step
 from embedstore._schema import Col
-from embedstore.errors import BadInput
+from embedstore.errors import BadInput, ClusterFailure
 from embedstore.slide_jobs import (
     EmbedSettings,
     SlideJob,
@@ -115,13 +115,20 @@ def _embed_on(ray: Any, jobs: list[SlideJob], out: Any, meta: dict, settings: Em
     pending = [j for j in pending if j.slide_id in tables]
     bar = counter(sum(t.num_rows for t in tables.values()) if settings.progress else 0, "tiles", unit="tile")
     slides = [_plan(job, tables[job.slide_id], out, meta, settings, bar) for job in pending]
-    _embed_pass(ray, slides, out, meta, settings, bar)
+    try:
+        _embed_pass(ray, slides, out, meta, settings, bar)
+    except ClusterFailure as e:  # Ray gave up (e.g. an actor cancelled at start): once more from what is staged
+        LOG.warning("%s; resuming once", e)
+        left = [s.job for s in slides if s.result is None and not s.busy]
+        retry = [_plan(job, tables[job.slide_id], out, meta, settings, _uncounted) for job in left]
+        _embed_pass(ray, retry, out, meta, settings, bar)
+        slides = [s for s in slides if s.result is not None or s.busy] + retry
     busy = [s.job for s in slides if s.busy]
     for job in busy:  # wait for the other run, then skip (it completed the slide) or resume (it died)
         done = _done(job, out, meta, settings, blocking=True)
         if done is not None:
             results[job.slide_id] = done
-    again = [_plan(j, tables[j.slide_id], out, meta, settings, bar) for j in busy if j.slide_id not in results]
+    again = [_plan(j, tables[j.slide_id], out, meta, settings, _uncounted) for j in busy if j.slide_id not in results]
     _embed_pass(ray, again, out, meta, settings, bar)
     for s in slides + again:
         if s.result is not None:
@@ -131,6 +138,10 @@ def _embed_on(ray: Any, jobs: list[SlideJob], out: Any, meta: dict, settings: Em
             results[s.job.slide_id] = SlideResult(s.job.slide_id, "failed", 0, 0.0, reason)
     bar(0, close=True)
     return [results[j.slide_id] for j in jobs]
+
+
+def _uncounted(n: int, close: bool = False) -> None:
+    """The progress update of a second look at a slide: its staged tiles are already on the bar."""
 
 
 def _done(job: SlideJob, out: Any, meta: dict, settings: EmbedSettings, blocking: bool) -> SlideResult | None:

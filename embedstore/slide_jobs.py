@@ -44,6 +44,21 @@ class SlideResult:
     reason: str = ""
 
 
+class SlideReport:
+    """What a per-slide report offers: ``ok`` and a plain-text ``summary`` of its ``results``."""
+
+    results: list[SlideResult]
+
+    @property
+    def ok(self) -> bool:
+        """True when no slide failed."""
+        return all(r.status != "failed" for r in self.results)
+
+    def summary(self) -> str:
+        """A plain-text table, one line per slide."""
+        return results_table(self.results)
+
+
 def results_table(results: Sequence[SlideResult]) -> str:
     """Per-slide results as a plain-text table, with the counts by status on the last line."""
     lines = [f"{'slide':<32} {'status':<8} {'tiles':>7} {'s':>7}  reason"]

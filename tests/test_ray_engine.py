@@ -141,6 +141,7 @@ def test_a_killed_worker_loses_only_its_batches(cluster, slides, local_table, tm
     assert_same_table(store, local_table)
 
 
+@pytest.mark.slow  # a minute or more on 2 cores; CI runs the engine's other real-cluster tests
 def test_a_killed_driver_resumes_to_the_same_table(cluster, slides, local_table, tmp_path):
     store = tmp_path / "store"
     args = [*CLI, "embed", slides, "--store", store, "--engine", "ray", "--address", cluster.address]
@@ -208,6 +209,7 @@ def test_nodes_that_do_not_see_a_file_are_named(cluster, tmp_path):
         ray.shutdown()
 
 
+@pytest.mark.slow  # a minute or more on 2 cores; CI runs the engine's other real-cluster tests
 def test_predict_on_ray_writes_the_local_engines_files(cluster, index, store, tmp_path):
     import anndata as ad
 
@@ -225,6 +227,7 @@ def test_predict_on_ray_writes_the_local_engines_files(cluster, index, store, tm
         assert got.obs.equals(want.obs)
 
 
+@pytest.mark.slow  # a minute or more on 2 cores; CI runs the engine's other real-cluster tests
 def test_readme_ray_block(index, tmp_path):
     """The README's cohort-scale block runs as written (Ray started on this machine by each command)."""
     import anndata as ad
