@@ -10,7 +10,10 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # The longest test files start first: pytest-xdist hands files to its two workers in this
 # order, so the workers finish together instead of one running the README alone at the end.
-LONGEST_FIRST = ("test_readme.py", "test_readme_setup.py", "test_evaluation.py", "test_offline_hub.py")
+LONGEST_FIRST = (
+    "test_readme.py", "test_readme_setup.py", "test_ray_engine.py", "test_evaluation.py", "test_ray_index.py",
+    "test_offline_hub.py",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
