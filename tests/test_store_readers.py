@@ -181,3 +181,27 @@ def test_check_flags_a_current_file_that_holds_its_partition_keys(root, tmp_path
     problems = verify_store(open_store(store)).problems
     assert [(p.path, p.kind) for p in problems] == [(path, "slide")]
     assert "holds partition key columns (encoder, cohort, slide_id)" in problems[0].what
+
+
+def test_read_embeddings_in_parallel_matches_pyarrow_row_group_by_row_group(tmp_path, monkeypatch):
+    """Row groups of several files are read concurrently into their rows; a file another tool
+    wrote (zstd pages, no fast path) is decoded by pyarrow in the same pool."""
+    import embedstore.store._store as store_module
+    import embedstore.store._writer as writer_module
+
+    monkeypatch.setattr(writer_module, "row_group_rows", lambda dim: 1000)
+    monkeypatch.setattr(store_module, "READ_THREADS", 3)
+    store = open_store(tmp_path / "store", read_only=False)
+    for slide, n in (("A", 2500), ("B", 999), ("C", 2001)):
+        write_slide(store, slide, n, batch=500)
+    foreign = tmp_path / "store/embeddings/encoder=toy/cohort=c1/slide_id=B/tiles.parquet"
+    table = pq.read_table(foreign, partitioning=None)
+    pq.write_table(table, foreign, compression="zstd", row_group_size=400)  # 3 row groups, no fast path
+
+    meta, X = store.read_embeddings("toy")
+    files = [tmp_path / f"store/embeddings/encoder=toy/cohort=c1/slide_id={s}/tiles.parquet" for s in "ABC"]
+    assert [pq.ParquetFile(f).num_row_groups for f in files] == [3, 3, 3]
+    want = pa.concat_tables([pq.read_table(f, partitioning=None) for f in files])
+    np.testing.assert_array_equal(X, np.asarray(want.column(Col.EMBEDDING).to_pylist(), dtype=np.float32))
+    assert meta.column(Col.TILE_ID).equals(want.column(Col.TILE_ID))
+    assert meta.column(Col.SLIDE_ID).to_pylist() == ["A"] * 2500 + ["B"] * 999 + ["C"] * 2001

@@ -48,6 +48,9 @@ from embedstore.store._writer import SLIDE_FILE, SOURCES, SlideWriter, read_stag
 
 LOG = logging.getLogger(__name__)
 
+# Threads of read_embeddings: page-cache copies scale with cores up to the memory bandwidth.
+READ_THREADS = min(8, os.cpu_count() or 1)
+
 Status = Literal["complete", "damaged", "partial", "absent"]
 
 
@@ -382,20 +385,30 @@ class Store:
                 handle = pq.ParquetFile(path, metadata=md, page_checksum_verification=True, pre_buffer=True)
                 return with_keys(handle.read(stored_columns(cols), use_threads=False), path, cols)
 
-        # pyarrow decodes the small columns in a second thread while this one copies vectors.
-        with ThreadPoolExecutor(1) as pool:
+        def read_vectors(path: Path, md: pq.FileMetaData, rows: np.ndarray, row_groups: list[int]) -> None:
+            with self._reading(path):
+                try:
+                    read_vectors_into(path, md, Col.EMBEDDING, rows, row_groups=row_groups)
+                except NotPlain as e:  # written by another tool (or damaged pages): let pyarrow decode it
+                    LOG.debug("%s: generic read (%s)", path, e)
+                    handle = pq.ParquetFile(path, metadata=md, page_checksum_verification=True)
+                    rows[:] = vectors_from_arrow(
+                        handle.read_row_groups(row_groups, columns=[Col.EMBEDDING]).column(0), dim
+                    )
+
+        # Row groups are read in parallel, straight into their rows of `out` (the reads release
+        # the GIL), while pyarrow decodes the small columns in the same pool.
+        with ThreadPoolExecutor(READ_THREADS) as pool:
             tables = [pool.submit(read_columns, path, md) for path, md in zip(files, metas, strict=True)]
+            vectors = []
             start = 0
             for path, md in zip(files, metas, strict=True):
-                stop = start + md.num_rows
-                with self._reading(path):
-                    try:
-                        read_vectors_into(path, md, Col.EMBEDDING, out[start:stop])
-                    except NotPlain as e:  # written by another tool (or damaged pages): let pyarrow decode it
-                        LOG.debug("%s: generic read (%s)", path, e)
-                        col = read_all(path, repair_hint(self.root), [Col.EMBEDDING]).column(0)
-                        out[start:stop] = vectors_from_arrow(col, dim)
-                start = stop
+                for rg in range(md.num_row_groups):
+                    stop = start + md.row_group(rg).num_rows
+                    vectors.append(pool.submit(read_vectors, path, md, out[start:stop], [rg]))
+                    start = stop
+            for done in vectors:
+                done.result()
             return pa.concat_tables([t.result() for t in tables]), out
 
     def iter_embeddings(
