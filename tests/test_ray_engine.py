@@ -28,6 +28,33 @@ if os.environ.get("CI") == "true":
     assert ray is not None  # CI installs the extra (scripts/bootstrap): these tests must run there
 
 
+@pytest.mark.slow  # a minute or more on 2 cores; CI runs the engine's other real-cluster tests
+def test_readme_ray_block(index, tmp_path):
+    """The README's cohort-scale block runs as written (Ray started on this machine by each command).
+
+    First in the file, before the module's cluster starts: beside that cluster the command's own
+    Ray lost its encoder actor (ActorDiedError, then a bare SystemException).
+    """
+    import anndata as ad
+
+    from tests.test_readme import _sh, command_lines, fenced
+
+    (block,) = [b for b in fenced("bash") if "--engine ray" in b]
+    work = tmp_path / "work"
+    (work / "slides").mkdir(parents=True)
+    for i in range(2):
+        write_synthetic_slide(work / "slides" / f"S{i}.tif", 1536, 1536, mpp=None, seed=10 + i)
+    (work / "mpp.csv").write_text("slide,mpp\nS0,0.5\nS1,0.5\n")
+    (work / "her2st.index").symlink_to(index)
+    for line in command_lines(block):
+        r = _sh(line, work)
+        assert r.returncode == 0, f"README line failed: {line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    assert len(slide_files(work / "cohort")) == 2
+    assert (work / "cohort" / "tile_indexes" / "encoder=builtin" / "index.ivfdata").is_file()
+    for s in ("S0", "S1"):
+        assert ad.read_h5ad(work / "predictions" / "slides" / f"{s}.h5ad").n_obs > 10
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head node and a second node, two logical CPUs each; this process joins it as a driver."""
@@ -219,29 +246,6 @@ def test_predict_on_ray_writes_the_local_engines_files(cluster, index, store, tm
         want = ad.read_h5ad(slide_file(tmp_path / "local", "synthetic", r.slide_id))
         assert np.array_equal(got.X, want.X)
         assert got.obs.equals(want.obs)
-
-
-@pytest.mark.slow  # a minute or more on 2 cores; CI runs the engine's other real-cluster tests
-def test_readme_ray_block(index, tmp_path):
-    """The README's cohort-scale block runs as written (Ray started on this machine by each command)."""
-    import anndata as ad
-
-    from tests.test_readme import _sh, command_lines, fenced
-
-    (block,) = [b for b in fenced("bash") if "--engine ray" in b]
-    work = tmp_path / "work"
-    (work / "slides").mkdir(parents=True)
-    for i in range(2):
-        write_synthetic_slide(work / "slides" / f"S{i}.tif", 1536, 1536, mpp=None, seed=10 + i)
-    (work / "mpp.csv").write_text("slide,mpp\nS0,0.5\nS1,0.5\n")
-    (work / "her2st.index").symlink_to(index)
-    for line in command_lines(block):
-        r = _sh(line, work)
-        assert r.returncode == 0, f"README line failed: {line}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-    assert len(slide_files(work / "cohort")) == 2
-    assert (work / "cohort" / "tile_indexes" / "encoder=builtin" / "index.ivfdata").is_file()
-    for s in ("S0", "S1"):
-        assert ad.read_h5ad(work / "predictions" / "slides" / f"{s}.h5ad").n_obs > 10
 
 
 def test_errors_raised_on_workers_are_one_line(cluster):
