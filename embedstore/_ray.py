@@ -80,7 +80,9 @@ def session(address: str | None, purpose: str) -> Iterator[Any]:
     address = resolve_address(address)
     if address:
         _check_reachable(address)
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+    # Without an address Ray would join any cluster already running on this machine, which is not
+    # what the user asked for (and its Ray Data actors were cancelled there): start a new one.
+    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
     try:
         quiet_ray_data(ray)
         yield ray

@@ -30,11 +30,7 @@ if os.environ.get("CI") == "true":
 
 @pytest.mark.slow  # a minute or more on 2 cores; CI runs the engine's other real-cluster tests
 def test_readme_ray_block(index, tmp_path):
-    """The README's cohort-scale block runs as written (Ray started on this machine by each command).
-
-    First in the file, before the module's cluster starts: beside that cluster the command's own
-    Ray lost its encoder actor (ActorDiedError, then a bare SystemException).
-    """
+    """The README's cohort-scale block runs as written (Ray started on this machine by each command)."""
     import anndata as ad
 
     from tests.test_readme import _sh, command_lines, fenced
@@ -272,3 +268,15 @@ def test_errors_raised_on_workers_are_one_line(cluster):
             ray.get(ray.remote(max_retries=0)(crash).remote())
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow  # starts a second Ray here (~10 s); CI's suite is near its 10 minutes
+def test_without_an_address_ray_starts_here_and_does_not_join_a_running_cluster(cluster):
+    """A cluster already running on this machine (the module's) is not joined: Ray Data's actors
+    were cancelled there and the run failed with a bare SystemException. Last in the file: it
+    starts and stops a second Ray in this process."""
+    from embedstore import _ray
+
+    with _ray.session(None, "embed --engine ray") as ray_here:
+        assert ray_here.get_runtime_context().gcs_address != cluster.address
+        assert len(_ray.alive_nodes(ray_here)) == 1
