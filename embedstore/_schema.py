@@ -58,6 +58,8 @@ class Col:
     KEY = "key"  # an exemplar's search vector in an index's exemplars.parquet
     EXPRESSION = "expression"  # an exemplar's log-normalised expression over the panel
     TOTAL_COUNTS = "total_counts"
+    SENTENCE = "sentence"  # a spot's OmiCLIP/Loki gene sentence (embedstore.sentences)
+    N_GENES = "n_genes"  # gene symbols in that sentence
 
 
 def tile_schema() -> pa.Schema:

@@ -15,10 +15,29 @@ import pyarrow.parquet as pq
 from embedstore._schema import Col, embedding_schema, expression_schema, spots_schema
 from embedstore.errors import BadInput
 from embedstore.store import _retrieval_sql
-from embedstore.store._integrity import inspect_slide_file, inspect_table_file, repair_hint
+from embedstore.store._integrity import inspect_slide_file, inspect_table_file, read_footer, repair_hint
 from embedstore.store._layout import EMBEDDING_KEYS, SECTION_KEYS
 
 LOG = logging.getLogger(__name__)
+
+# Gene sentences, one file per ST section: STORE/sentences/cohort=<c>/slide_id=<s>/sentences.parquet,
+# written by embedstore.sentences (derived from the expression files, so rewritten rather than repaired).
+SENTENCES = "sentences"
+SENTENCES_FILE = "sentences.parquet"
+SENTENCES_FIX = "remove it and run embedstore embed-text (or embedstore.sentences.write_sentences) again"
+
+
+def sentences_schema() -> pa.Schema:
+    """Arrow schema of the ``sentences`` view: one OmiCLIP/Loki gene sentence per spot."""
+    return pa.schema(
+        [
+            pa.field(Col.COHORT, pa.string(), nullable=False),
+            pa.field(Col.SLIDE_ID, pa.string(), nullable=False),
+            pa.field(Col.SPOT_ID, pa.string(), nullable=False),
+            pa.field(Col.SENTENCE, pa.string(), nullable=False),
+            pa.field(Col.N_GENES, pa.int32(), nullable=False),
+        ]
+    )
 
 
 def view_name(encoder: str) -> str:
@@ -76,7 +95,7 @@ _CONFIG = {
     "python_enable_replacements": False,
     "temp_directory": "",
 }
-_VIEWS = "embeddings_<encoder>, embeddings (one-encoder stores), encoders, slides, spots, expression"
+_VIEWS = "embeddings_<encoder>, embeddings (one-encoder stores), encoders, slides, spots, expression, sentences"
 _UDF_ERROR = re.compile(
     r"Python exception occurred while executing the UDF: (?:BadInput|DamagedFile|FingerprintMismatch|"
     r"GeometryMismatch|MissingDependency): (.*)"
@@ -159,7 +178,7 @@ def connect(root: Path, read_only: bool = True) -> Catalog:
 
 def create_views(catalog: Catalog, root: Path) -> None:
     """(Re)create the views ``embeddings_<encoder>``, ``embeddings`` (one-encoder stores only),
-    ``encoders``, ``slides``, ``spots``, ``expression`` and the macro ``cosine(a, b)``."""
+    ``encoders``, ``slides``, ``spots``, ``expression``, ``sentences`` and the macro ``cosine(a, b)``."""
     catalog.root = Path(root)
     catalog.refresh()
 
@@ -253,6 +272,16 @@ def _tables(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str,
         # An explicit schema fills columns an older file lacks with NULL (DuckDB's union_by_name).
         sources[f"_src_{name}"] = _dataset(files, root / name, schema, SECTION_KEYS) if files else schema.empty_table()
         views[name] = f"SELECT * FROM _src_{name}"
+    # Gene sentences (embedstore.sentences): empty, like spots, until some are written.
+    paths = sorted((root / SENTENCES).glob(f"cohort=*/slide_id=*/{SENTENCES_FILE}"))
+    for p in paths:
+        read_footer(p, SENTENCES_FIX)
+    sources["_src_sentences"] = (
+        _dataset([str(p) for p in paths], root / SENTENCES, sentences_schema(), SECTION_KEYS)
+        if paths
+        else sentences_schema().empty_table()
+    )
+    views[SENTENCES] = "SELECT * FROM _src_sentences"
     return infos, sources, views
 
 
@@ -273,7 +302,7 @@ def _sql_error(catalog: Catalog, e: BaseException) -> BadInput:
     if own:  # the per-encoder view's fingerprint guard says it all
         return BadInput(own.group(1))
     ours = _UDF_ERROR.search(text)
-    if ours:  # nearest_tiles / similar_tiles raised one of embedstore's own one-line errors
+    if ours:  # nearest_tiles / similar_tiles / text_tiles raised one of embedstore's own one-line errors
         return BadInput(ours.group(1))
     if len(catalog.encoders) > 1 and _NO_EMBEDDINGS_VIEW.search(text):
         listed = ", ".join(f"{i['view']} ({i['dim']}-d)" for i in catalog.encoders if i["view"])
@@ -304,7 +333,7 @@ def _sql_error(catalog: Catalog, e: BaseException) -> BadInput:
             f"and `embedstore check {catalog.root} --repair` rebuilds it"
         )
     else:
-        msg = f"query: {text}; fix the SQL (views: {_VIEWS}; macros cosine(a, b), nearest_tiles, similar_tiles)"
+        msg = f"query: {text}; fix the SQL (views: {_VIEWS}; macros cosine(a, b), nearest_tiles, similar_tiles, text_tiles)"
     return BadInput(msg)
 
 

@@ -1,0 +1,1 @@
+"""Data files shipped with embedstore (read with importlib.resources)."""
