@@ -37,6 +37,7 @@ _EXPORTS = {
     "predict": "embedstore.prediction",
     "evaluate": "embedstore.evaluation",
     "create_encoder": "embedstore.encoders",
+    "create_text_encoder": "embedstore.encoders",
     "list_encoders": "embedstore.encoders",
     "register_encoder": "embedstore.encoders",
 }

@@ -118,3 +118,34 @@ def test_offline_variable_is_named_only_when_set(tmp_path, synthetic_slide_path,
     assert len(lines) == 1, result.stderr
     assert "(offline (HF_HUB_OFFLINE=1) and not in the hub cache)" in lines[0]
     assert "not reachable" not in lines[0]
+
+
+def test_text_tower_comes_from_the_cache_when_the_hub_is_unreachable(tmp_path, closed_port):
+    """OmiCLIP's text tower reads the same cached checkpoint as its image tower, with no network and no noise."""
+    import torch
+
+    from embedstore.encoders import get_encoder_cfg
+    from embedstore.encoders.openclip import build_openclip_full
+
+    full = build_openclip_full(get_encoder_cfg("test-openclip"))
+    snapshot = tmp_path / "hf" / "hub" / "models--embedstore--tiny-coca" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}}, snapshot / "checkpoint.pt")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
+    code = (
+        "from embedstore.encoders import create_encoder, create_text_encoder; w = 'hf-hub:embedstore/tiny-coca'; "
+        "t = create_text_encoder('test-openclip', weights=w); "
+        "print(t.weights_source, t.image_fingerprint == create_encoder('test-openclip', weights=w).fingerprint)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path / "hf", closed_port),
+        timeout=BOUND_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hf-hub:embedstore/tiny-coca True"
+    assert result.stderr == ""

@@ -5,6 +5,9 @@ what is registered. Every registered cfg lives in ``_catalog``; a family's model
 ``openclip``, ``imagenet``, ``external``), with torch and its library, is imported only when one of
 its encoders is built.
 
+``create_text_encoder(name, weights=None)`` builds the text tower of an open_clip CLIP/CoCa
+encoder (OmiCLIP), which embeds gene sentences into the image tower's space.
+
 Names: a registered name (``"uni2-h"``, ``"builtin"``, ...), ``"timm:<architecture>"`` or
 ``"open_clip:<model config>"``. Weights: ``None`` (the Hugging Face hub cache; ``HF_TOKEN`` for
 gated repositories, ``HF_HUB_OFFLINE`` honoured), ``"hf-hub:org/repo"``, ``"local-dir:/folder"``
@@ -30,7 +33,9 @@ __all__ = [
     "Encoder",
     "EncoderCfg",
     "create_encoder",
+    "create_text_encoder",
     "get_encoder_cfg",
+    "has_text_tower",
     "list_encoders",
     "make_transform",
     "register_encoder",
@@ -91,6 +96,56 @@ def create_encoder(name: str, weights: str | None = None, **kwargs: Any) -> Enco
         )
         raise BadInput(msg) from None
     return factory(weights=weights, **kwargs)
+
+
+def has_text_tower(name: str) -> bool:
+    """True for encoders with a text tower (open_clip CLIP/CoCa: ``omiclip``, ``open_clip:<arch>``); no model is built."""
+    if not isinstance(name, str):
+        return False
+    if name.startswith("open_clip:"):
+        return True
+    cfg = ENCODERS.get(name).metadata.get("cfg") if name in ENCODERS else None
+    return cfg is not None and cfg.family == "open_clip"
+
+
+def create_text_encoder(
+    name: str, weights: str | None = None, device: str = "cpu", pretrained: str | None = None
+):  # -> TextEncoder
+    """Build the text tower of an open_clip CLIP/CoCa encoder (OmiCLIP: Loki's gene sentences).
+
+    Parameters
+    ----------
+    name
+        ``"omiclip"``, ``"test-openclip"``, another registered open_clip encoder, or
+        ``"open_clip:<model config>"``.
+    weights
+        As for :func:`create_encoder`: the same full CLIP/CoCa checkpoint gives both towers.
+    device
+        ``"cpu"``, ``"auto"`` (CUDA when available) or ``"cuda[:N]"``.
+    pretrained
+        open_clip pretrained tag, for ``open_clip:<arch>`` only (see :func:`create_encoder`).
+
+    Returns
+    -------
+    A :class:`~embedstore.encoders.openclip.TextEncoder`: ``encode(texts) -> (N, dim)`` float32
+    unit vectors; ``image_fingerprint`` is the fingerprint :func:`create_encoder` gives the image
+    tower of the same weights.
+    """
+    if not has_text_tower(name):
+        if isinstance(name, str) and name not in ENCODERS and not name.startswith("timm:"):
+            ENCODERS.get(name)  # an unknown name: one line with the close matches
+        msg = f"encoder {name} has no text tower; text embeddings need an open_clip CLIP/CoCa encoder such as omiclip"
+        raise BadInput(msg)
+    from embedstore.encoders import openclip
+
+    if name.startswith("open_clip:"):
+        cfg = openclip.generic_cfg(name[10:], weights=weights, pretrained=pretrained)
+    elif pretrained is not None:
+        msg = f"encoder {name!r}: pretrained= is for open_clip:<arch> names; pass weights= instead"
+        raise BadInput(msg)
+    else:
+        cfg = get_encoder_cfg(name)
+    return openclip.create_text(cfg, weights).to(device)
 
 
 def get_encoder_cfg(name: str) -> EncoderCfg:

@@ -113,7 +113,7 @@ OPENCLIP_CFGS = (
     EncoderCfg(
         name="test-openclip",
         family="open_clip",
-        architecture="embedstore-test-coca",
+        architecture="embedstore-tiny-coca_ViT-B-32",  # openclip.TEST_ARCHITECTURE: coca_ViT-B-32 at toy size
         dim=64,
         input_size=112,
         mean=OPENAI_CLIP_MEAN,
