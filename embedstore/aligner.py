@@ -128,6 +128,26 @@ def _check_2d(a: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
     return a
 
 
+def _project_rows(x: np.ndarray, fn: Any, dim: int, batch_size: int) -> np.ndarray:
+    """``normalize(fn(rows))`` in batches, as (N, dim) float32; a row's result never depends on its batch.
+
+    Shared by the aligners: ``fn`` maps a float32 tensor of rows to their (unnormalised) projections.
+    """
+    torch = import_optional("torch", "the aligner")
+    out = np.empty((x.shape[0], dim), dtype=np.float32)
+    with torch.inference_mode():
+        for s in range(0, x.shape[0], batch_size):
+            chunk = x[s : s + batch_size]
+            n = chunk.shape[0]
+            # CPU matrix kernels round differently for a handful of rows: pad short batches,
+            # so streaming a slide in row groups equals projecting it in one call, bit for bit.
+            if n < MIN_PROJECT_ROWS:
+                chunk = np.concatenate([chunk, np.zeros((MIN_PROJECT_ROWS - n, chunk.shape[1]), chunk.dtype)])
+            z = fn(torch.from_numpy(np.ascontiguousarray(chunk)))[:n]
+            out[s : s + n] = torch.nn.functional.normalize(z, dim=-1).numpy()
+    return out
+
+
 class Aligner:
     """A trained aligner: projects image embeddings and expression into one L2-normalised space.
 
@@ -153,19 +173,7 @@ class Aligner:
 
     def _project(self, x: np.ndarray, fn: Any, batch_size: int) -> np.ndarray:
         """Rows projected in batches; a row's result never depends on the batch it came in."""
-        torch = import_optional("torch", "the aligner")
-        out = np.empty((x.shape[0], self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for s in range(0, x.shape[0], batch_size):
-                chunk = x[s : s + batch_size]
-                n = chunk.shape[0]
-                # CPU matrix kernels round differently for a handful of rows: pad short batches,
-                # so streaming a slide in row groups equals projecting it in one call, bit for bit.
-                if n < MIN_PROJECT_ROWS:
-                    chunk = np.concatenate([chunk, np.zeros((MIN_PROJECT_ROWS - n, chunk.shape[1]), chunk.dtype)])
-                z = fn(torch.from_numpy(np.ascontiguousarray(chunk)))[:n]
-                out[s : s + n] = torch.nn.functional.normalize(z, dim=-1).numpy()
-        return out
+        return _project_rows(x, fn, self.dim, batch_size)
 
     def project_images(self, emb: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         """Image embeddings (N, image_dim) -> (N, proj_dim) float32, L2-normalised."""
