@@ -245,7 +245,7 @@ PARAMS: dict[str, Spec] = {
     "efSearch": Int(min=1),
     "factory": Str(),
     "group_by": Choice("auto", "slide_id", "patient"),
-    "keys": Choice("expression", "image"),
+    "keys": Choice("expression", "image", "text"),
     "exclude_own": Choice("slide_id", "patient"),
     "tau": Float(gt=0),
     "eps": Float(gt=0),
@@ -398,6 +398,7 @@ MANIFEST_SCHEMA: dict[str, _Key] = {
     "k": _Key(PARAMS["k"], required=False),
     "group_by": _Key(Choice("slide_id", "patient"), required=False),
     "recipe": _Key(Table(), required=False),
+    "text_encoder": _Key(Table(), required=False),
     "search": _Key(Table(), required=False),  # settings chosen at build time (embedstore._knn.build_tuned)
     "created_at": _Key(Str(), required=False),
     "embedstore_version": _Key(Str(), required=False),

@@ -10,6 +10,9 @@ Registered names (``AGGREGATORS``, :func:`create_aggregator`):
 - ``mean``: plain mean of the top k (BLEEP).
 - ``softmax``: weights ``softmax(sims / tau)`` (Loki-like similarity weighting).
 - ``idw``: inverse-distance weights ``1 / (1 - sims + eps)`` (mclSTExp).
+- ``loki``: weights are the similarities themselves, ``sum_j s_j e_j / sum_j s_j`` (Loki's
+  ``predex`` rule, over the top k; :func:`embedstore.loki.predict_exact` is the rule over every
+  reference spot).
 - ``learned``: EGN-style exemplar attention, trained with :func:`fit_learned_aggregator`.
 """
 
@@ -90,6 +93,19 @@ def idw(sims: np.ndarray, neighbour_expr: np.ndarray, eps: float = 1e-3) -> np.n
     return _weighted(1.0 / (d + eps), neighbour_expr)
 
 
+def loki(sims: np.ndarray, neighbour_expr: np.ndarray) -> np.ndarray:
+    """Loki's similarity-weighted mean: ``w_j = s_j`` (raw cosine similarities, not exponentiated).
+
+    Loki (``predex``) divides ``sims @ expression`` by the row sums of ``sims``; a row whose
+    similarities sum to zero (no meaningful weights) falls back to the plain mean.
+    """
+    sims, neighbour_expr = _check(sims, neighbour_expr)
+    total = sims.sum(axis=1, keepdims=True)
+    flat = np.abs(total) < 1e-12
+    w = np.where(flat, 1.0, sims) / np.where(flat, sims.shape[1], total)
+    return np.einsum("nk,nkg->ng", w.astype(np.float32), neighbour_expr)
+
+
 class Aggregator:
     """A named aggregator with fixed parameters; call it on (sims, neighbour_expr).
 
@@ -135,13 +151,18 @@ def _idw(eps: float = 1e-3) -> Aggregator:
     return Aggregator("idw", idw, eps=float(eps))
 
 
+@AGGREGATORS.register("loki", params="", source="Loki predex (image-text similarity weights)")
+def _loki() -> Aggregator:
+    return Aggregator("loki", loki)
+
+
 @AGGREGATORS.register("learned", params="path", source="EGN-style exemplar attention")
 def _learned(path: str | Path) -> LearnedAggregator:
     return load_learned_aggregator(path)
 
 
 def create_aggregator(name: str, **params: Any) -> Aggregator:
-    """Build the aggregator registered as ``name`` (``mean``, ``softmax``, ``idw``, ``learned``)."""
+    """Build the aggregator registered as ``name`` (``mean``, ``softmax``, ``idw``, ``loki``, ``learned``)."""
     return AGGREGATORS.create(name, **params)
 
 

@@ -25,7 +25,7 @@ from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Reference", "build_index", "build_reference_index", "load_reference", "train_aligner"]
+__all__ = ["Reference", "build_index", "build_reference_index", "load_reference", "train_aligner", "with_text"]
 
 
 @dataclasses.dataclass
@@ -37,6 +37,8 @@ class Reference:
     counts: Any  # scipy CSR (n, len(genes)), raw counts
     genes: list[str]  # measured in every section of the reference
     encoder: dict[str, Any]  # encoder metadata of the embeddings (name, cfg, fingerprint, tile geometry)
+    text: np.ndarray | None = None  # (n, D) text embeddings of the spots' gene sentences (with_text)
+    text_encoder: dict[str, Any] | None = None  # metadata of the text table they come from
 
     def column(self, name: str) -> np.ndarray:
         """One obs column as a NumPy array of str (None stays None)."""
@@ -54,8 +56,46 @@ class Reference:
         """The reference restricted to ``rows`` (indices or a boolean mask)."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
         return Reference(
-            self.obs.take(pa.array(rows)), self.embeddings[rows], self.counts[rows], self.genes, self.encoder
+            self.obs.take(pa.array(rows)), self.embeddings[rows], self.counts[rows], self.genes, self.encoder,
+            None if self.text is None else self.text[rows], self.text_encoder,
+        )  # fmt: skip
+
+
+def with_text(store: Any, ref: Reference) -> Reference:
+    """``ref`` with the text embeddings of its spots' gene sentences (``embedstore embed-text``).
+
+    Spots whose sentence is empty (no expressed gene left) have no text embedding and are left
+    out, with a log line. The text must come from the checkpoint the image embeddings came from.
+    """
+    from embedstore.store import open_store
+    from embedstore.text_embedding import check_text_pairs, read_text_embeddings, text_metadata
+
+    store = open_store(store) if isinstance(store, str | Path) else store
+    slides = list(dict.fromkeys(ref.column(Col.SLIDE_ID)))
+    name = ref.encoder["name"]
+    meta = text_metadata(store, name, slide_ids=slides)
+    check_text_pairs(ref.encoder, meta, f"{store.root} text embeddings of {name}")
+    table, text = read_text_embeddings(store, name, slide_ids=slides)
+    where = {
+        k: i
+        for i, k in enumerate(
+            zip(table.column(Col.SLIDE_ID).to_pylist(), table.column(Col.SPOT_ID).to_pylist(), strict=True)
         )
+    }
+    keys = zip(ref.column(Col.SLIDE_ID), ref.column(Col.SPOT_ID), strict=True)
+    rows = np.array([where.get(k, -1) for k in keys], dtype=np.int64)
+    kept = rows >= 0
+    if not kept.any():
+        msg = f"{store.root}: no text embedding matches a reference spot of encoder {name}; run embedstore embed-text {store.root} --encoder {name}"
+        raise BadInput(msg)
+    if not kept.all():
+        LOG.warning(
+            "reference: %d spots have no gene sentence (no expressed gene) and are left out of the text keys",
+            int((~kept).sum()),
+        )
+    out = ref.subset(kept)
+    out.text, out.text_encoder = text[rows[kept]], meta
+    return out
 
 
 def load_reference(
@@ -205,9 +245,12 @@ def build_reference_index(
         ``panel_method`` and ``n_genes``.
     aligner
         :class:`~embedstore.aligner.AlignerConfig` fields; ``None`` skips the aligner and
-        indexes raw image embeddings ("kNN on raw embeddings").
+        indexes raw image embeddings ("kNN on raw embeddings"). With ``keys="text"``:
+        :class:`~embedstore.text_aligner.TextAlignerConfig` fields of the fine-tuned image and
+        text heads; ``None`` is zero-shot Loki.
     keys
-        ``"expression"`` (BLEEP) or ``"image"`` (EGN) exemplar keys.
+        ``"expression"`` (BLEEP), ``"image"`` (EGN) or ``"text"`` (Loki: the text embeddings
+        of the spots' gene sentences, ``ref`` from :func:`with_text`) exemplar keys.
     factory, nprobe, target_recall
         FAISS factory string (``"auto"`` picks by size and codec) and IVF probes (None: the
         fewest reaching ``target_recall`` at ``k`` on held-out exemplars).
@@ -230,7 +273,10 @@ def build_reference_index(
     from embedstore.expression import apply_panel, normalize_log1p, select_panel
     from embedstore.index import build_exemplar_index
 
-    _check_settings(aggregator, aggregator_params, aligner, "build_reference_index")
+    _check_settings(aggregator, aggregator_params, aligner, "build_reference_index", keys)
+    if keys == "text" and ref.text is None:
+        msg = "build_reference_index: keys='text' needs the reference's text embeddings; pass with_text(store, ref)"
+        raise BadInput(msg)
     if k > len(ref.embeddings):
         msg = f"build_reference_index: k={k} (--k): larger than the reference's {len(ref.embeddings)} spots; pass a smaller k"
         raise BadInput(msg)
@@ -241,7 +287,9 @@ def build_reference_index(
     group_col = ref.group_column(group_by)
     groups = ref.column(group_col).astype(str)
     model = None
-    if aligner is not None:
+    if keys == "text":
+        model = _fit_text_aligner(ref, aligner, groups, seed) if aligner is not None else None
+    elif aligner is not None:
         cfg = _aligner_config(aligner, ref, panel)
         with stage("training the aligner on %d spots x %d genes", len(expr), len(panel)):
             model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
@@ -251,7 +299,8 @@ def build_reference_index(
     idx = build_exemplar_index(
         ref.embeddings, expr, panel,
         ref.column(Col.SLIDE_ID), ref.column(Col.SPOT_ID), ref.column(Col.PATIENT),
-        aligner=model, keys=keys, factory=None if factory == "auto" else factory,
+        aligner=model, keys=keys, text_emb=ref.text, text_encoder=ref.text_encoder,
+        factory=None if factory == "auto" else factory,
         encoder=ref.encoder, aggregator="mean" if learned else aggregator_with(aggregator, aggregator_params),
         nprobe=nprobe, seed=seed, k=k, target_recall=target_recall, layout=layout, memory_budget=memory_budget,
         scratch_dir=scratch_dir,
@@ -264,17 +313,27 @@ def build_reference_index(
     return idx
 
 
-def _check_settings(aggregator: str, params: dict[str, Any] | None, aligner: dict[str, Any] | None, where: str) -> None:
-    """Aggregator name and parameters, and aligner settings (keys and types), before any data is read."""
+def _check_settings(
+    aggregator: str, params: dict[str, Any] | None, aligner: dict[str, Any] | None, where: str, keys: str = "expression"
+) -> None:
+    """Aggregator name and parameters, and aligner settings (keys and types), before any data is read.
+
+    With text keys the aligner settings are those of the text aligner.
+    """
     from embedstore.aggregate import AGGREGATORS
-    from embedstore.aligner import FIELD_RULES, AlignerConfig
+
+    if keys == "text":
+        from embedstore import text_aligner as settings_of
+    else:
+        from embedstore import aligner as settings_of
 
     check_aggregator_params(AGGREGATORS, aggregator, params or {}, f"{where} [aggregator]")
     if aggregator == "learned" and params:
         msg = f"{where} [aggregator]: the learned aggregator is trained here and takes no parameters; remove {', '.join(params)}"
         raise BadInput(msg)
     if aligner is not None:
-        check_fields(AlignerConfig, aligner, f"{where} [aligner]", ranges=False, **FIELD_RULES)
+        config = settings_of.TextAlignerConfig if keys == "text" else settings_of.AlignerConfig
+        check_fields(config, aligner, f"{where} [aligner]", ranges=False, **settings_of.FIELD_RULES)
 
 
 def aggregator_with(name: str, params: dict[str, Any] | None) -> Any:
@@ -326,9 +385,12 @@ def build_index(
     # Refuse a bad --out before the minutes of training; save_index checks again before the swap.
     check_replaceable(out, KIND, what="exemplar index", overwrite=overwrite, folder=True)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    _check_settings(r.aggregator.name, r.aggregator.params, r.aligner, r.source or r.name)  # before the reading
+    # before the reading
+    _check_settings(r.aggregator.name, r.aggregator.params, r.aligner, r.source or r.name, r.index.keys)
     selection = list(slide_ids) if slide_ids is not None else list(r.slides) or None
     ref = load_reference(store, r.encoder, cohort=r.cohort, slide_ids=selection, exclude_slides=r.exclude_slides)
+    if r.index.keys == "text":
+        ref = with_text(store, ref)
     idx = build_reference_index(
         ref, panel=_recipe_panel(r, ref), aligner=r.aligner, keys=r.index.keys,
         factory=r.index.factory, nprobe=r.index.nprobe, target_recall=r.index.target_recall, aggregator=r.aggregator.name,
@@ -402,6 +464,24 @@ def train_aligner(
     with stage("training the aligner on %d spots x %d genes", len(expr), len(panel)):
         model = aligner_mod.fit(ref.embeddings, expr, groups if len(set(groups)) > 1 else None, cfg, seed)
     return aligner_mod.save_aligner(model, out)
+
+
+def _fit_text_aligner(ref: Reference, settings: dict[str, Any], groups: np.ndarray, seed: int) -> Any:
+    """Fine-tune the image and text heads on the reference's pairs (whole groups held out for validation)."""
+    from embedstore.text_aligner import TextAlignerConfig, fit_text_aligner
+
+    cfg = TextAlignerConfig.from_dict(
+        {
+            **settings,
+            "encoder_name": ref.encoder.get("name", ""),
+            "encoder_fingerprint": ref.encoder.get("fingerprint", ""),
+            "text_fingerprint": (ref.text_encoder or {}).get("fingerprint", ""),
+            "geometry": ref.encoder.get("geometry"),
+        },
+        where="text aligner settings",
+    )
+    with stage("fine-tuning the image and text heads on %d spot-sentence pairs", len(ref.embeddings)):
+        return fit_text_aligner(ref.embeddings, ref.text, groups if len(set(groups)) > 1 else None, cfg, seed)
 
 
 def _aligner_config(settings: dict[str, Any], ref: Reference, panel: Any) -> Any:

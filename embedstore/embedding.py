@@ -451,6 +451,7 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
     repaired: list[str] = []
     left: list[str] = []
     todo: dict[tuple, list[str]] = {}  # embed settings -> slide ids to embed with them
+    texts: dict[tuple, list[str]] = {}  # embed-text settings -> slide ids
     for p in before.problems:
         lock = (p.encoder, p.cohort, p.slide_id) if p.encoder else None
         with st.lock_slide(*lock, blocking=False) if lock else _no_lock() as acquired:
@@ -466,7 +467,8 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
         if p.kind == "stray":
             continue
         sources = [st.slide_source(p.encoder, p.cohort, p.slide_id)] if p.encoder else st.sources(p.cohort, p.slide_id)
-        sources = [s for s in sources if s]
+        # spots and expression come from a slide's image source, never from a text table's (the store itself)
+        sources = [s for s in sources if s and (p.encoder or s.get("kind") != "text")]
         if not sources:
             left.append(
                 f"{p.path}: where the slide was embedded from is not recorded (an older embedstore); "
@@ -474,6 +476,9 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
             )
             continue
         src = sources[0]
+        if src.get("kind") == "text":  # gene-sentence embeddings: encoded again from the store's own expression
+            texts.setdefault((src["cohort"], src["encoder"], src.get("weights"), src.get("top_n")), []).append(src["slide_id"])
+            continue
         if not Path(src["data"]).exists():
             left.append(
                 f"{p.path}: its source {src['data']} is gone; embed slide {p.slide_id} again from where it is now"
@@ -500,9 +505,32 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
                 repaired.append(
                     f"slide {r.slide_id} of cohort {cohort}: re-embedded from {data} ({r.reason or f'{r.n_tiles} tiles'})"
                 )
+    left += _repair_text(st, texts, repaired, device)
     after = verify_store(st)
     remaining = [p.line() for p in after.problems] + left
     return CheckReport(st.root, before.n_files, found, repaired, remaining, after.notes)
+
+
+def _repair_text(st: Any, todo: dict[tuple, list[str]], repaired: list[str], device: str) -> list[str]:
+    """Encode the gene sentences of damaged text slides again (``embedstore embed-text``); what could not be."""
+    from embedstore.text_embedding import embed_text
+
+    left = []
+    for (cohort, encoder, weights, top_n), slide_ids in todo.items():
+        try:
+            report = embed_text(
+                st.root, encoder, cohort=cohort, slide_ids=sorted(set(slide_ids)), weights=weights,
+                top_n=top_n or 50, device=device, progress=False,
+            )  # fmt: skip
+        except EmbedstoreError as e:
+            left.append(f"{st.root}: re-embedding the gene sentences of {', '.join(slide_ids)} failed: {e}")
+            continue
+        for r in report.results:
+            if r.status == "failed":
+                left.append(f"slide {r.slide_id} of cohort {cohort}: gene sentences could not be re-embedded: {r.reason}")
+            elif r.status == "done":
+                repaired.append(f"slide {r.slide_id} of cohort {cohort}: gene sentences re-embedded ({encoder} text tower)")
+    return left
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@
 patient, or by section when it has one patient) and measures the stages users run: for each
 split it chooses the gene panel and gene sets on the training slides, writes two index
 folders with :func:`embedstore.build.build_index` from those slides (``knn-raw``: raw
-embeddings; ``aligned``: aligner and learned aggregator), predicts the held-out slides with
+embeddings; ``aligned``: aligner and learned aggregator; with an encoder that has a text tower,
+such as OmiCLIP, ``loki`` and ``loki-tuned``: the text embeddings of the training spots' gene
+sentences, zero-shot and with fine-tuned heads), predicts the held-out slides with
 :func:`embedstore.prediction.predict` (``bleep``, ``softmax`` and ``idw`` are the aligned
 index queried with that aggregator), fits the HEST ridge probe on the stored embeddings,
 and writes ``predictions_<method>.h5ad``, ``metrics.json``, ``report.html`` and the index
@@ -45,7 +47,9 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "EvalResult", "evaluate", "prepare_out"]
 
-METHODS = ("ridge", "knn-raw", "bleep", "softmax", "idw", "learned")
+METHODS = ("ridge", "knn-raw", "bleep", "softmax", "idw", "learned", "loki", "loki-tuned")
+# Methods that need text embeddings of gene sentences: run by default with an encoder that has a text tower.
+TEXT_METHODS = ("loki", "loki-tuned")
 METHOD_NOTES = {
     "ridge": "HEST-Benchmark probe: standard scaling, PCA(256), ridge alpha = 100 / (features x genes)",
     "knn-raw": "kNN on raw (L2-normalised) embeddings, mean of top k; no aligner",
@@ -53,6 +57,8 @@ METHOD_NOTES = {
     "softmax": "aligner + similarity-softmax over top k, tau = 0.1 (Loki-like)",
     "idw": "aligner + inverse-distance weighting over top k (mclSTExp)",
     "learned": "aligner + EGN-style exemplar attention, trained leaving each reference slide/patient out",
+    "loki": "Loki: image embedding vs text embeddings of the training spots' gene sentences (zero-shot), similarity-weighted top k",
+    "loki-tuned": "Loki with image and text heads fine-tuned contrastively on the training pairs (patients held out for early stopping)",
 }
 N_SET = 50  # genes in the HVG and highest-mean gene sets (HEST; BLEEP/mclSTExp)
 EVAL_KIND = "evaluation"
@@ -64,7 +70,10 @@ INDEXES = "indexes"  # folder of a split's index folders
 ALIGNED = ("bleep", "softmax", "idw", "learned")  # methods served by the aligned index
 # Aggregator each kNN method asks predict() for: a registered one with its default parameters,
 # or (None) the index's own, trained one.
-AGGREGATOR_OF = {"knn-raw": "mean", "bleep": "mean", "softmax": "softmax", "idw": "idw", "learned": None}
+AGGREGATOR_OF = {
+    "knn-raw": "mean", "bleep": "mean", "softmax": "softmax", "idw": "idw", "learned": None,
+    "loki": "loki", "loki-tuned": "loki",
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -93,7 +102,7 @@ class Settings:
     methods: tuple[str, ...] = METHODS
 
 
-@validated(methods=StrList(choices=METHODS, nonempty=True))
+@validated(methods=StrList(choices=METHODS, nonempty=True, optional=True))
 def evaluate(
     reference: str | Path,
     out: str | Path,
@@ -105,7 +114,7 @@ def evaluate(
     k: int = 50,
     n_genes: int = 250,
     seed: int = 0,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     aligner: dict[str, Any] | None = None,
     workers: int = 2,
     batch_size: int = 32,
@@ -128,7 +137,8 @@ def evaluate(
     k, n_genes, seed
         Neighbours of the kNN methods, panel size (most variable reference genes), seed.
     methods
-        Subset of :data:`METHODS`.
+        Subset of :data:`METHODS`; by default all of them, the text methods (``loki``,
+        ``loki-tuned``) only with an encoder that has a text tower (OmiCLIP).
     aligner
         :class:`~embedstore.aligner.AlignerConfig` overrides.
     workers, batch_size
@@ -152,10 +162,11 @@ def evaluate(
         msg = f"{out}: the same folder as --store; give the evaluation its own --out (the store goes to OUT/store by default)"
         raise BadInput(msg)
     prepare_out(out)
-    settings = Settings(k, n_genes, seed, aligner=tuple(sorted((aligner or {}).items())), methods=tuple(methods))
     enc_name = (
         create_encoder(encoder or DEFAULT_ENCODER, weights=weights).name if weights else (encoder or DEFAULT_ENCODER)
     )
+    methods = _methods(methods, enc_name)
+    settings = Settings(k, n_genes, seed, aligner=tuple(sorted((aligner or {}).items())), methods=methods)
 
     cohorts = {"reference": Path(reference)} | ({"query": Path(query)} if query else {})
     thumbnails: dict[str, Any] = {}
@@ -173,6 +184,13 @@ def evaluate(
             LOG.warning("%s: %s left out of the evaluation: %s", cohort, r.slide_id, r.reason)
             skipped_notes.append(f"{cohort} section {r.slide_id} left out: {r.reason}")
         thumbnails.update(_thumbnails(sections[cohort]))
+
+    if any(m in TEXT_METHODS for m in methods):
+        from embedstore.text_embedding import embed_text
+
+        # the reference's gene sentences only: the query's expression is what is predicted
+        with stage("embedding the gene sentences of the reference cohort (text tower of %s)", enc_name):
+            embed_text(store, enc_name, cohort="reference", weights=weights)
 
     from embedstore.build import load_reference
     from embedstore.store import open_store
@@ -376,6 +394,20 @@ class Split:
     folder: str = ""  # where its files go, relative to the run's folder
 
 
+def _methods(methods: Sequence[str] | None, encoder: str) -> tuple[str, ...]:
+    """The methods to run: those asked for, or all that ``encoder`` supports (text methods need a text tower)."""
+    from embedstore.text_embedding import has_text_tower
+
+    text = has_text_tower(encoder)
+    if methods is None:
+        return tuple(m for m in METHODS if text or m not in TEXT_METHODS)
+    asked = [m for m in methods if m in TEXT_METHODS]
+    if asked and not text:
+        msg = f"methods {', '.join(asked)}: need an encoder with a text tower (e.g. --encoder omiclip); {encoder} has none"
+        raise BadInput(msg)
+    return tuple(dict.fromkeys(methods))
+
+
 def _gene_sets(ref: Any, n_genes: int) -> tuple[Any, dict[str, list[str]]]:
     """Panel = top-``n_genes`` HVG plus the genes of both gene sets (top-50 HVG, top-50 mean), chosen on the reference.
 
@@ -397,19 +429,25 @@ def _set_genes(*gene_sets: list[str]) -> list[str]:
 
 
 def _recipe(name: str, encoder: str, gene_sets: dict[str, list[str]], k: int, s: Settings) -> Any:
-    """Recipe of a split's index: ``knn-raw`` (raw embeddings, mean of top k) or ``aligned`` (aligner, learned aggregator)."""
+    """Recipe of a split's index: ``knn-raw`` (raw embeddings, mean of top k), ``aligned`` (aligner,
+    learned aggregator), ``loki`` (text keys, zero-shot) or ``loki-tuned`` (text keys, fine-tuned heads)."""
     from embedstore.recipes import AggregatorSpec, IndexSpec, PanelSpec, Recipe
 
-    raw = name == "knn-raw"
     include = _set_genes(gene_sets[f"hvg{N_SET}"], gene_sets[f"mean{N_SET}"])
+    keys, aligner, aggregator = {
+        "knn-raw": ("image", None, "mean"),
+        "aligned": ("expression", dict(s.aligner), "learned"),
+        "loki": ("text", None, "loki"),
+        "loki-tuned": ("text", {}, "loki"),
+    }[name]
     return Recipe(
         name=name,
         encoder=encoder,
         cohort="reference",
-        aligner=None if raw else dict(s.aligner),
+        aligner=aligner,
         panel=PanelSpec("hvg", s.n_genes, tuple(include)),
-        index=IndexSpec(keys="image" if raw else "expression"),
-        aggregator=AggregatorSpec("mean" if raw else "learned", k),
+        index=IndexSpec(keys=keys),
+        aggregator=AggregatorSpec(aggregator, k),
         seed=s.seed,
     )
 
@@ -448,7 +486,11 @@ def _run_split(st: Any, split: Split, s: Settings, run_dir: Path) -> tuple[dict[
             expr = apply_panel(normalize_log1p(train.counts), train.genes, panel)
             values = fit_ridge_probe(train.embeddings, expr, seed=s.seed).predict(test.embeddings)
         predictions["ridge"] = prediction_anndata(values, panel.genes, test.obs.to_pandas(), uns=_method_uns("ridge"))
-    served = {"knn-raw": [m for m in ("knn-raw",) if m in s.methods], "aligned": [m for m in ALIGNED if m in s.methods]}
+    served = {
+        "knn-raw": [m for m in ("knn-raw",) if m in s.methods],
+        "aligned": [m for m in ALIGNED if m in s.methods],
+        **{m: [m] for m in TEXT_METHODS if m in s.methods},
+    }
     for name, methods in served.items():
         if not methods:
             continue

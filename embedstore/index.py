@@ -51,14 +51,13 @@ from embedstore.aggregate import (
     create_aggregator,
     fit_learned_aggregator,
 )
-from embedstore.aligner import Aligner
 from embedstore.errors import BadInput
 from embedstore.expression import Panel
 
 LOG = logging.getLogger(__name__)
 
 KIND = "exemplar_index"  # the manifest's kind
-KEYS = ("expression", "image")
+KEYS = ("expression", "image", "text")
 AGGREGATOR_DIR = "aggregator"  # where the manifest says a learned aggregator is kept, relative to the folder
 
 __all__ = [
@@ -88,11 +87,14 @@ class ExemplarIndex:
     expression
         (n, G) float32 log-normalised expression over ``panel``.
     key_vectors
-        (n, dim) float32 L2-normalised keys (projected expression or image embeddings).
+        (n, dim) float32 L2-normalised keys (projected expression, image embeddings, or the
+        text embeddings of the exemplars' gene sentences).
     panel
         The :class:`~embedstore.expression.Panel`.
     aligner
-        The :class:`~embedstore.aligner.Aligner`, or None for the raw-embedding baseline.
+        The :class:`~embedstore.aligner.Aligner` (or, for text keys, the fine-tuned
+        :class:`~embedstore.text_aligner.TextAligner`), or None: raw image embeddings (or
+        zero-shot image-text similarity, for text keys) are searched.
     aggregator
         Default aggregator of :meth:`predict`.
     manifest
@@ -281,7 +283,7 @@ class ExemplarIndex:
             msg = (
                 f"aggregator='learned' (--aggregator): this index has no learned aggregator (its own is "
                 f'{self.aggregator.name!r}); rebuild it with a recipe whose [aggregator] name = "learned", '
-                "or use mean, softmax or idw"
+                "or use mean, softmax, idw or loki"
             )
             raise BadInput(msg)
         return create_aggregator(aggregator)
@@ -316,8 +318,10 @@ def build_exemplar_index(
     spot_ids: Any,
     patients: Any = None,
     *,
-    aligner: Aligner | None = None,
+    aligner: Any = None,
     keys: str = "expression",
+    text_emb: np.ndarray | None = None,
+    text_encoder: dict[str, Any] | None = None,
     factory: str | None = None,
     encoder: dict[str, Any] | None = None,
     aggregator: str | Aggregator = "mean",
@@ -344,10 +348,16 @@ def build_exemplar_index(
     slide_ids, spot_ids, patients
         Per-spot ids stored in exemplars.parquet (``patients`` may be None).
     aligner
-        A trained aligner; None builds the "kNN on raw embeddings" baseline (``keys="image"``).
+        A trained aligner; None builds the "kNN on raw embeddings" baseline (``keys="image"``)
+        or zero-shot Loki (``keys="text"``). With ``keys="text"`` it is a
+        :class:`~embedstore.text_aligner.TextAligner`.
     keys
-        ``"expression"`` (BLEEP: keys are projected expression) or ``"image"`` (EGN: keys are
-        the (projected) image embeddings).
+        ``"expression"`` (BLEEP: keys are projected expression), ``"image"`` (EGN: keys are
+        the (projected) image embeddings) or ``"text"`` (Loki: keys are the text embeddings of
+        the exemplars' gene sentences, queried with image embeddings).
+    text_emb, text_encoder
+        For ``keys="text"``: (n, D) text embeddings of the exemplars' gene sentences, and the
+        metadata of the text table they come from (recorded in the manifest).
     factory
         FAISS factory string; None chooses by size and tunes the codec (:func:`build_tuned`).
     encoder
@@ -392,10 +402,12 @@ def build_exemplar_index(
             msg = f"build_exemplar_index: {name} has {len(v)} values for {n} exemplars"
             raise BadInput(msg)
     if keys not in KEYS:
-        msg = f"keys={keys!r}: use 'expression' (BLEEP) or 'image' (EGN)"
+        msg = f"keys={keys!r}: use 'expression' (BLEEP), 'image' (EGN) or 'text' (Loki)"
         raise BadInput(msg)
     encoder = dict(encoder or {})
-    if aligner is None:
+    if keys == "text":
+        key_vectors = _text_keys(emb, text_emb, aligner, encoder)
+    elif aligner is None:
         if keys == "expression":
             msg = "keys='expression': needs a trained aligner; pass aligner=... or keys='image' for the raw-embedding baseline"
             raise BadInput(msg)
@@ -443,6 +455,7 @@ def build_exemplar_index(
         "search": settings,
         "metric": "ip",
         "keys": keys,
+        **({"text_encoder": dict(text_encoder or {})} if keys == "text" else {}),
         "aligned": aligner is not None,
         "n": n,
         "dim": int(key_vectors.shape[1]),
@@ -456,3 +469,32 @@ def build_exemplar_index(
         {name: pa.array([None if v is None else str(v) for v in vals], pa.string()) for name, vals in cols.items()}
     )
     return ExemplarIndex(index, table, expr, key_vectors, panel, aligner, agg, manifest)
+
+
+def _text_keys(image_emb: np.ndarray, text_emb: np.ndarray | None, aligner: Any, encoder: dict[str, Any]) -> np.ndarray:
+    """Loki's keys: the exemplars' text embeddings, through the fine-tuned text head when there is one."""
+    n = len(image_emb)
+    text = None if text_emb is None else np.asarray(text_emb, dtype=np.float32)
+    if text is None or text.ndim != 2 or len(text) != n:
+        shape = None if text is None else text.shape
+        msg = f"keys='text': needs text_emb, the (n={n}, D) text embeddings of the exemplars' gene sentences (got {shape}); run embedstore embed-text first"
+        raise BadInput(msg)
+    if aligner is None:
+        if text.shape[1] != image_emb.shape[1]:
+            msg = f"keys='text': text embeddings of dim {text.shape[1]} and image embeddings of dim {image_emb.shape[1]} are not one space; embed both with the same CLIP/CoCa checkpoint"
+            raise BadInput(msg)
+        return l2_normalize(text)
+    cfg = aligner.config
+    if not hasattr(aligner, "project_text"):
+        msg = "keys='text': the aligner given is an image-expression aligner; pass a text aligner (embedstore.text_aligner) or none"
+        raise BadInput(msg)
+    if cfg.encoder_fingerprint and encoder.get("fingerprint"):
+        check_fingerprint(cfg.encoder_fingerprint, encoder["fingerprint"], "build_exemplar_index embeddings")
+    check_geometry(
+        cfg.geometry,
+        parse_geometry(encoder.get("geometry"), "build_exemplar_index encoder geometry"),
+        "build_exemplar_index embeddings",
+    )
+    encoder.setdefault("fingerprint", cfg.encoder_fingerprint)
+    encoder.setdefault("name", cfg.encoder_name)
+    return aligner.project_text(text)

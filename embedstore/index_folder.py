@@ -34,11 +34,12 @@ from embedstore._optional import import_optional
 from embedstore._params import Int, validate_manifest, validated
 from embedstore._schema import META_ENCODER, META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION, Col, parse_geometry
 from embedstore.aggregate import AGGREGATORS, LearnedAggregator, create_aggregator, load_learned_aggregator
-from embedstore.aligner import load_aligner, save_aligner
+from embedstore.aligner import load_aligner
 from embedstore.errors import BadInput
 from embedstore.expression import Panel
 from embedstore.index import AGGREGATOR_DIR, KIND, ExemplarIndex
 from embedstore.store._tile_search import read_ondisk_index
+from embedstore.text_aligner import load_text_aligner
 
 LOG = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ def save_index(idx: ExemplarIndex, path: str | Path, overwrite: bool = False) ->
         }
         pq.write_table(table.replace_schema_metadata(meta), tmp / EXEMPLARS_FILE)
         (tmp / PANEL_FILE).write_text(idx.panel.to_json())
-        if idx.aligner is not None:
-            save_aligner(idx.aligner, tmp / ALIGNER_DIR)
+        if idx.aligner is not None:  # the BLEEP aligner, or for text keys the text aligner
+            idx.aligner.save(tmp / ALIGNER_DIR)
         if isinstance(idx.aggregator, LearnedAggregator):
             idx.aggregator.save(tmp / AGGREGATOR_DIR)
         # The manifest marks the folder as an index: written last, so a folder without it is incomplete.
@@ -216,7 +217,9 @@ def load_index(
     key_vectors = _matrix(table.column(Col.KEY), dim)
     expression = _matrix(table.column(Col.EXPRESSION), len(panel))
     exemplars = table.select([Col.SLIDE_ID, Col.SPOT_ID, Col.PATIENT]).replace_schema_metadata(None)
-    aligner = load_aligner(aligner_dir) if aligner_dir is not None else None
+    aligner = None
+    if aligner_dir is not None:
+        aligner = load_text_aligner(aligner_dir) if manifest["keys"] == "text" else load_aligner(aligner_dir)
     agg = load_learned_aggregator(agg_dir) if agg_dir is not None else create_aggregator(spec["name"], **spec["params"])
     _check_parts_agree(path, manifest, panel, aligner, agg)
     if device != "cpu" and gpu_available():
@@ -260,7 +263,13 @@ def _search_settings(manifest: Any, file: Path) -> dict[str, Any] | None:
 def _check_parts_agree(path: Path, manifest: dict[str, Any], panel: Panel, aligner: Any, agg: Any) -> None:
     """Raise BadInput naming both files when the folder's parts were not made together."""
     sizes = [(MANIFEST_FILE, "n_genes", int(manifest["n_genes"]), PANEL_FILE, len(panel))]
-    if aligner is not None:
+    if aligner is not None and manifest["keys"] == "text":
+        cfg, where = aligner.config, f"{ALIGNER_DIR}/config.json"
+        sizes += [
+            (where, "image_dim", cfg.image_dim, MANIFEST_FILE + " input_dim", int(manifest["input_dim"])),
+            (where, "dim", aligner.dim, MANIFEST_FILE + " dim", int(manifest["dim"])),
+        ]
+    elif aligner is not None:
         cfg, where = aligner.config, f"{ALIGNER_DIR}/config.json"
         if cfg.genes and tuple(cfg.genes) != tuple(panel.genes):
             msg = f"{path / where}: trained on genes {list(cfg.genes)[:3]}..., which are not the panel of {path / PANEL_FILE}; rebuild the index"

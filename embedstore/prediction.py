@@ -376,7 +376,7 @@ def _check_k_and_aggregator(idx: Any, k: int, aggregator: str | None) -> None:
     AGGREGATORS.get(aggregator)  # an unknown name lists the close matches
     own = idx.manifest["aggregator"]["name"]
     if aggregator == "learned" and own != "learned":
-        msg = f"aggregator='learned' (--aggregator): this index's aggregator is {own!r}; build an index whose recipe has aggregator name = \"learned\", or use mean, softmax or idw"
+        msg = f"aggregator='learned' (--aggregator): this index's aggregator is {own!r}; build an index whose recipe has aggregator name = \"learned\", or use mean, softmax, idw or loki"
         raise BadInput(msg)
 
 

@@ -9,16 +9,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "embedstore"
 
 # Top-level modules in data-flow order; a module may import only those before it (and itself).
 ORDER = [
-    "errors",
+    "errors", "data",
     "_atomic", "_progress",
     "_optional", "_ray", "_registry", "_schema", "_vectors", "_params", "_checkpoint", "metrics", "probe",
     "recipes",
     "slides", "spots", "expression",
     "tile_table", "preview", "tiling",
     "encoders",
-    "store",
-    "slide_jobs", "ray_embed", "embedding",
-    "_knn", "_ondisk", "_adamw", "_training", "_aggregator_nets", "_aligner_nets", "aggregate", "aligner",
+    "store", "sentences",
+    "slide_jobs", "text_embedding", "ray_embed", "embedding",
+    "_knn", "_ondisk", "_adamw", "_training", "_aggregator_nets", "_aligner_nets", "aggregate", "loki", "aligner",
+    "_text_aligner_nets", "text_aligner",
     "index", "index_folder", "tile_index", "retrieval",
     "build",
     "scoring", "_report_plots", "report",
