@@ -132,6 +132,26 @@ def embed(
         raise typer.Exit(1)
 
 
+@app.command("embed-text")
+def embed_text(
+    store: InputPath,
+    encoder: Annotated[str, typer.Option(help="CLIP/CoCa encoder with a text tower (OmiCLIP: omiclip).")] = "omiclip",
+    weights: Annotated[str | None, typer.Option(help="hf-hub:org/repo, local-dir:/path or a weight file.")] = None,
+    cohort: Annotated[str | None, typer.Option(help="Only this cohort's ST sections; all by default.")] = None,
+    top_n: Annotated[int, typer.Option(help="Genes per gene sentence (OmiCLIP: 50).")] = 50,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Sentences per forward pass.")] = 64,
+) -> None:
+    """Write each ST spot's gene sentence and embed it once with the encoder's text tower (OmiCLIP/Loki)."""
+    from embedstore.text_embedding import embed_text as run_embed_text
+
+    report = run_embed_text(
+        store, encoder, cohort=cohort, weights=weights, top_n=top_n, batch_size=batch_size, device=device
+    )
+    typer.echo(report.summary())
+    typer.echo(f'query: embedstore sql {store} "SELECT slide_id, spot_id, sentence FROM sentences LIMIT 5"')
+
+
 @app.command()
 def sql(
     store: InputPath,
@@ -258,6 +278,9 @@ def search(
     slide: Annotated[str | None, typer.Option(help="Query by a stored tile: its slide id (with --tile).")] = None,
     tile: Annotated[str | None, typer.Option(help="Query by a stored tile: its tile id, x_y (with --slide).")] = None,
     image: Annotated[Path | None, typer.Option(help="Query by a picture of one tile at the store's µm/px.")] = None,
+    text: Annotated[
+        str | None, typer.Option(help="Query by gene symbols, e.g. 'ERBB2 GRB7 KRT19' (an encoder with a text tower).")
+    ] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Tiles to return.")] = 20,
     encoder: Annotated[
         str | None, typer.Option(help="Encoder whose tiles to search; the store's only one by default.")
@@ -265,19 +288,19 @@ def search(
     cohort: Annotated[str | None, typer.Option(help="Search only this cohort.")] = None,
     exclude_slide: Annotated[list[str] | None, typer.Option(help="Leave out this slide's tiles (repeatable).")] = None,
     weights: Annotated[
-        str | None, typer.Option(help="Encoder weights for --image; where the store records them by default.")
+        str | None, typer.Option(help="Encoder weights for --image/--text; where the store records them by default.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Parquet file to write the hits to.")] = None,
     plot: Annotated[
         Path | None, typer.Option(help="PNG mosaic of the query and its hits, read from the slides.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] for encoding --image.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] for encoding --image or --text.")] = "auto",
 ) -> None:
-    """Find the tiles of a store that look like a stored tile or a picture (content-based retrieval)."""
+    """Find the tiles of a store that look like a stored tile or a picture, or go with gene symbols (zero-shot)."""
     from embedstore.retrieval import search as run_search
 
     hits = run_search(
-        store, slide=slide, tile=tile, image=image, k=k, encoder=encoder, cohort=cohort,
+        store, slide=slide, tile=tile, image=image, text=text, k=k, encoder=encoder, cohort=cohort,
         exclude_slides=exclude_slide, weights=weights, out=out, plot=plot, device=device,
     )  # fmt: skip
     shown = ["rank", "cohort", "slide_id", "tile_id", "score"]
@@ -301,7 +324,7 @@ def predict(
     slide: Annotated[list[str] | None, typer.Option(help="Slide id(s) to predict; all by default.")] = None,
     cohort: Annotated[str | None, typer.Option(help="Cohort of the query slides.")] = None,
     k: Annotated[int | None, typer.Option(help="Neighbours; the index's own by default.")] = None,
-    aggregator: Annotated[str | None, typer.Option(help="mean, softmax, idw or learned.")] = None,
+    aggregator: Annotated[str | None, typer.Option(help="mean, softmax, idw, loki or learned.")] = None,
     exclude_own: Annotated[
         str | None,
         typer.Option(help="Leave out the exemplars of the query's own slide (slide) or its patient's (patient)."),

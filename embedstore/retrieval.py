@@ -1,8 +1,9 @@
-"""Content-based tile retrieval: the tiles of a store that look like a stored tile or a picture.
+"""Content-based tile retrieval: the tiles of a store that look like a stored tile, a picture or a gene list.
 
-One orchestrating function, :func:`search`. A query tile's stored vector, or a picture encoded
+One orchestrating function, :func:`search`. A query tile's stored vector, a picture encoded
 by the store's own encoder (same fingerprint, same preprocessing, taken at the store's tile
-geometry), goes through :func:`embedstore.tile_index.nearest_tiles`; the hits can be written
+geometry), or a gene sentence encoded by the text tower of the same checkpoint (zero-shot,
+OmiCLIP; :mod:`embedstore.store._text_query`) goes through :func:`embedstore.tile_index.nearest_tiles`; the hits can be written
 as Parquet and drawn as a mosaic read back from the slides they were embedded from.
 
 The module is not called ``search``: ``embedstore.search`` is the public function, and a
@@ -27,6 +28,7 @@ from embedstore._progress import step
 from embedstore._schema import META_ENCODER, META_KIND, META_SCHEMA_VERSION, SCHEMA_VERSION, Col
 from embedstore.errors import BadInput, EmbedstoreError, FingerprintMismatch
 from embedstore.store import Store, open_store
+from embedstore.store._text_query import image_encoder, measured_genes, recorded_weights, text_vector
 from embedstore.tile_index import list_slides, nearest_tiles, resolve_encoder, tile_vector
 
 LOG = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ def search(
     slide: str | None = None,
     tile: str | None = None,
     image: str | Path | None = None,
+    text: str | None = None,
     k: int = 20,
     encoder: str | None = None,
     cohort: str | None = None,
@@ -75,16 +78,22 @@ def search(
         resized to the store's tile size when it is not that size (a non-square picture is
         first cropped to its centre square). It is encoded by the store's encoder, rebuilt
         from the metadata stored with the embeddings.
+    text
+        Query by gene symbols (``"ERBB2 GRB7 KRT19"``, a marker list or a gene sentence),
+        zero-shot: embedded by the text tower of the checkpoint the tiles were embedded with
+        (an open_clip CLIP/CoCa encoder such as OmiCLIP). Words that are not genes measured in
+        the store are dropped; none left is an error.
     k
         Tiles to return.
     encoder
-        Encoder whose tiles to search; the store's only encoder when None.
+        Encoder whose tiles to search; the store's only encoder when None (for ``text``, its
+        only image encoder: text tables ``<encoder>-text`` are not searched).
     cohort, slides, exclude_slides
         Search only the tiles of this cohort, of these slide ids, and not of those. ``cohort``
         also names the query slide's cohort when a slide id is in several.
     weights
         Where the encoder's weights are (``hf-hub:org/repo``, ``local-dir:/path`` or a file),
-        for an image query; by default where the store records they were loaded from.
+        for an image or text query; by default where the store records they were loaded from.
     out
         Parquet file to write the hits to (atomically; only a file embedstore wrote is replaced).
     plot
@@ -92,7 +101,7 @@ def search(
         their slides, each captioned with slide id and score. A hit whose slide file is gone
         is a grey box.
     device
-        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"`` for encoding a query image.
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"`` for encoding a query image or text.
 
     Returns
     -------
@@ -101,14 +110,16 @@ def search(
     """
     check("search", k=k, device=device)
     by_tile = slide is not None or tile is not None
-    if by_tile == (image is not None) or (by_tile and (slide is None or tile is None)):
-        msg = "search: give one query, a stored tile (slide and tile, --slide --tile) or a picture (image, --image); not both, not neither"
+    if by_tile + (image is not None) + (text is not None) != 1 or (by_tile and (slide is None or tile is None)):
+        msg = "search: give one query: a stored tile (slide and tile, --slide --tile), a picture (image, --image) or gene symbols (text, --text)"
         raise BadInput(msg)
     if out is not None:
         check_hits_out(out)
     if plot is not None:
         check_mosaic_out(plot)
     st = store if isinstance(store, Store) else open_store(store)
+    if text is not None:
+        encoder = image_encoder(st.encoders(), encoder, st.root)
     name = resolve_encoder(st, encoder)
     meta = st.encoder_metadata(name, cohort, slides)  # of the tiles searched: their fingerprint and geometry
     if by_tile:
@@ -116,6 +127,10 @@ def search(
         vector = tile_vector(st, slide, tile, encoder=name, cohort=query_cohort)
         query: dict[str, Any] = {"cohort": query_cohort, "slide_id": slide, "tile_id": tile}
         picture = _stored_tile(st, name, query_cohort, slide, tile) if plot is not None else None
+    elif text is not None:
+        vector = text_vector(meta, text, measured_genes(st), st.root, weights=weights, device=_device(device))
+        query = {"text": text}
+        picture = None
     else:
         picture = read_query_image(image, meta["geometry"])
         vector = encode_query(picture, meta, st.root, image, weights=weights, device=device)
@@ -133,9 +148,23 @@ def search(
     if out is not None:
         _write_hits(hits, Path(out))
     if plot is not None:
-        caption = f"query: {slide} {tile}" if by_tile else f"query: {Path(image).name}"
+        caption = (
+            f"query: {slide} {tile}"
+            if by_tile
+            else f"query: {text}"
+            if text is not None
+            else f"query: {Path(image).name}"
+        )
         draw_mosaic(st, name, picture, caption, hits, Path(plot))
     return hits
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _query_cohort(st: Store, encoder: str, slide: str, cohort: str | None) -> str | None:
@@ -187,18 +216,6 @@ def read_query_image(path: str | Path, geometry: dict[str, Any]) -> np.ndarray:
             path.name, w, h, size, size, cropped, geometry["mpp"],
         )  # fmt: skip
     return np.asarray(rgb, dtype=np.uint8)
-
-
-def recorded_weights(source: str | None) -> str | None:
-    """The ``weights=`` argument that loads the weights an encoder's metadata says it used.
-
-    ``"none"`` and ``"random-init(...)"`` (weight-free and test encoders) give None, as does a
-    store that records nothing; ``"file:/path"`` gives the path; hub and local-dir sources are
-    passed as they are.
-    """
-    if not source or source == "none" or source.startswith("random-init"):
-        return None
-    return source.removeprefix("file:")
 
 
 def encode_query(

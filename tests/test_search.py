@@ -172,9 +172,12 @@ def test_a_hit_whose_slide_is_gone_is_a_grey_box(two_slides, tmp_path, capsys, f
 
 def test_bad_queries_are_one_line(store, tmp_path):
     r, _ = stored(store)
-    one = "give one query, a stored tile (slide and tile, --slide --tile) or a picture (image, --image)"
+    one = "give one query: a stored tile (slide and tile, --slide --tile), a picture (image, --image) or gene symbols (text, --text)"
     (tmp_path / "patch.png").write_bytes(b"")
-    for kwargs in ({}, {"slide": "A1"}, {"tile": r["tile_id"]}, {"slide": "A1", "tile": "1_2", "image": "x.png"}):
+    for kwargs in (
+        {}, {"slide": "A1"}, {"tile": r["tile_id"]}, {"slide": "A1", "tile": "1_2", "image": "x.png"},
+        {"image": "x.png", "text": "ERBB2"},
+    ):  # fmt: skip
         with pytest.raises(BadInput, match=r"give one query") as e:
             es.search(store, **kwargs)
         assert one in str(e.value)

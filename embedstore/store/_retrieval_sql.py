@@ -5,13 +5,15 @@ spot_id, x, y, score, rank)::
 
     SELECT * FROM nearest_tiles(<vector>, k := 10)              -- tiles nearest a vector
     SELECT * FROM similar_tiles('C2', '123_456', k := 10)       -- tiles nearest a stored tile
+    SELECT * FROM text_tiles('ERBB2 GRB7 KRT19', k := 10)       -- tiles nearest gene symbols (OmiCLIP)
 
 with the named options ``encoder``, ``cohort``, ``slides`` (VARCHAR[]) and
 ``exclude_slides`` (VARCHAR[]), applied inside the search. They call two vectorised (Arrow)
-Python functions, ``_es_nearest`` and ``_es_similar``, which DuckDB hands whole chunks of
+Python functions, ``_es_nearest``, ``_es_similar`` and ``_es_text``, which DuckDB hands whole chunks of
 queries at a time (a LATERAL join of 1,000 query rows is one or two FAISS calls), and which
 search through :mod:`embedstore.store._tile_search`: the tile index where the store has one, exact
-scans of the Parquet files otherwise. They only read.
+scans of the Parquet files otherwise. ``text_tiles`` embeds its text with the text tower of the
+checkpoint the tiles were embedded with (:mod:`embedstore.store._text_query`). They only read.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ MACROS = (
     f"SELECT unnest(_es_nearest(CAST(query AS FLOAT[]), {_PASS}), recursive := true)",
     f"CREATE OR REPLACE MACRO similar_tiles(slide, tile, {_OPTIONS}) AS TABLE "
     f"SELECT unnest(_es_similar(CAST(slide AS VARCHAR), CAST(tile AS VARCHAR), {_PASS}), recursive := true)",
+    f"CREATE OR REPLACE MACRO text_tiles(text, {_OPTIONS}) AS TABLE "
+    f"SELECT unnest(_es_text(CAST(text AS VARCHAR), {_PASS}), recursive := true)",
 )
 _ARROW_HIT = pa.struct(
     [
@@ -56,12 +60,13 @@ def install(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     hits = duckdb.list_type(duckdb.struct_type(HIT_FIELDS))
     text, texts = duckdb.sqltype("VARCHAR"), duckdb.list_type("VARCHAR")
     options = [duckdb.sqltype("INTEGER"), text, text, texts, texts]
-    for name in ("_es_nearest", "_es_similar"):
+    for name in ("_es_nearest", "_es_similar", "_es_text"):
         with contextlib.suppress(duckdb.InvalidInputException):  # not registered yet
             con.remove_function(name)
     common = {"type": "arrow", "null_handling": "special", "side_effects": False}
     con.create_function("_es_nearest", _nearest(root), [duckdb.list_type("FLOAT"), *options], hits, **common)
     con.create_function("_es_similar", _similar(root), [text, text, *options], hits, **common)
+    con.create_function("_es_text", _text(root), [text, *options], hits, **common)
     for macro in MACROS:
         con.execute(macro)
 
@@ -155,3 +160,28 @@ def _similar(root: Path) -> Any:
         return _assemble(len(slides), results, valid)
 
     return similar
+
+
+def _text(root: Path) -> Any:
+    def text_tiles(text: Any, k: Any, encoder: Any, cohort: Any, slides: Any, exclude_slides: Any) -> pa.Array:
+        from embedstore.store._store import Store
+        from embedstore.store._text_query import image_encoder, measured_genes, text_vector
+
+        options = [k, encoder, cohort, slides, exclude_slides]
+        texts = _column(text).to_pylist()
+        valid = np.array([t is not None for t in texts])
+        st = Store(root)
+        known = measured_genes(st)
+        results = []
+        for key, rows in _groups(options).items():
+            rows = np.array([r for r in rows if valid[r]], dtype=np.int64)
+            if not len(rows):
+                continue
+            k_, encoder_, cohort_, slides_, exclude_ = key
+            name = image_encoder(st.encoders(), encoder_, root)
+            meta = st.encoder_metadata(name, cohort_, slides_)
+            vectors = np.stack([text_vector(meta, texts[r], known, root) for r in rows])
+            results.append((rows, _search(root, vectors, (k_, name, cohort_, slides_, exclude_))))
+        return _assemble(len(texts), results, valid)
+
+    return text_tiles

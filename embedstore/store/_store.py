@@ -527,9 +527,11 @@ class Store:
     def sql(self, query: str, params: Any = None, output: str = "pandas") -> Any:
         """Run SQL in DuckDB over the views ``embeddings_<encoder>`` (one per encoder, vectors as
         ``FLOAT[dim]``), ``embeddings`` (only in a store of one encoder), ``encoders``, ``slides``
-        (all encoders), ``spots``, ``expression`` (macro ``cosine(a, b)``), and the nearest-tile
-        table functions ``nearest_tiles(vector, k := 10)`` and ``similar_tiles(slide_id, tile_id,
-        k := 10)`` (options ``encoder``, ``cohort``, ``slides``, ``exclude_slides``), served by the
+        (all encoders), ``spots``, ``expression``, ``sentences`` (the spots' gene sentences,
+        ``embedstore embed-text``) (macro ``cosine(a, b)``), and the nearest-tile
+        table functions ``nearest_tiles(vector, k := 10)``, ``similar_tiles(slide_id, tile_id,
+        k := 10)`` and ``text_tiles('ERBB2 GRB7 KRT19', k := 10)`` (zero-shot, with an encoder that
+        has a text tower such as OmiCLIP) (options ``encoder``, ``cohort``, ``slides``, ``exclude_slides``), served by the
         tile index where there is one (:mod:`embedstore.store._tile_search`).
 
         DuckDB itself confines the query: it installs and loads no extension, cannot change its
@@ -581,6 +583,6 @@ def sql(store: str | Path, query: str, params: Any = None, output: str = "pandas
 
     Views: ``embeddings_<encoder>`` (``embeddings`` in a one-encoder store), ``slides``,
     ``encoders``, ``spots``, ``expression``; macro ``cosine(a, b)``; table functions
-    ``nearest_tiles`` and ``similar_tiles``. See :meth:`Store.sql`.
+    ``nearest_tiles``, ``similar_tiles`` and ``text_tiles``. See :meth:`Store.sql`.
     """
     return open_store(store).sql(query, params=params, output=output)
