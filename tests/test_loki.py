@@ -134,6 +134,24 @@ def test_zero_shot_text_search_matches_brute_force_in_python_and_sql(clip_store)
     assert list(zip(rows.slide_id, rows.tile_id, strict=True)) == want
 
 
+def test_text_tower_of_another_checkpoint_is_refused_in_python_and_sql(clip_store, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from embedstore.encoders import get_encoder_cfg
+    from embedstore.encoders.openclip import build_openclip_full
+    from embedstore.errors import FingerprintMismatch
+
+    other = build_openclip_full(dataclasses.replace(get_encoder_cfg(ENCODER), seed=1))
+    weights = tmp_path / "other.pt"
+    torch.save(other.state_dict(), weights)
+    with pytest.raises(FingerprintMismatch, match="the images were embedded with"):
+        es.search(clip_store, text="GENE003", weights=str(weights))
+    result = run("search", "--store", clip_store, "--text", "GENE003", "--weights", weights)
+    assert_one_line_error(result, "text tower", "--weights")
+
+
 def test_text_search_with_no_known_gene_is_one_line(clip_store):
     result = run("search", "--store", clip_store, "--text", "tumour cells", "-k", "3")
     assert_one_line_error(result, "no word is a gene measured in this store", "ERBB2")
