@@ -477,7 +477,9 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
             continue
         src = sources[0]
         if src.get("kind") == "text":  # gene-sentence embeddings: encoded again from the store's own expression
-            texts.setdefault((src["cohort"], src["encoder"], src.get("weights"), src.get("top_n")), []).append(src["slide_id"])
+            texts.setdefault((src["cohort"], src["encoder"], src.get("weights"), src.get("top_n")), []).append(
+                src["slide_id"]
+            )
             continue
         if not Path(src["data"]).exists():
             left.append(
@@ -527,9 +529,13 @@ def _repair_text(st: Any, todo: dict[tuple, list[str]], repaired: list[str], dev
             continue
         for r in report.results:
             if r.status == "failed":
-                left.append(f"slide {r.slide_id} of cohort {cohort}: gene sentences could not be re-embedded: {r.reason}")
+                left.append(
+                    f"slide {r.slide_id} of cohort {cohort}: gene sentences could not be re-embedded: {r.reason}"
+                )
             elif r.status == "done":
-                repaired.append(f"slide {r.slide_id} of cohort {cohort}: gene sentences re-embedded ({encoder} text tower)")
+                repaired.append(
+                    f"slide {r.slide_id} of cohort {cohort}: gene sentences re-embedded ({encoder} text tower)"
+                )
     return left
 
 
