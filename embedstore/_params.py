@@ -399,6 +399,7 @@ MANIFEST_SCHEMA: dict[str, _Key] = {
     "group_by": _Key(Choice("slide_id", "patient"), required=False),
     "recipe": _Key(Table(), required=False),
     "text_encoder": _Key(Table(), required=False),
+    "smoothing": _Key(Table(), required=False),
     "search": _Key(Table(), required=False),  # settings chosen at build time (embedstore._knn.build_tuned)
     "created_at": _Key(Str(), required=False),
     "embedstore_version": _Key(Str(), required=False),

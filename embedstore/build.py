@@ -25,6 +25,10 @@ from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
 
+# Radius of the prediction smoothing chosen on the reference: a legacy-ST spot's 4 nearest
+# neighbours (200 µm grid), two rings of Visium spots (100 µm pitch).
+SMOOTH_RADIUS_UM = 250.0
+
 __all__ = ["Reference", "build_index", "build_reference_index", "load_reference", "train_aligner", "with_text"]
 
 
@@ -39,6 +43,7 @@ class Reference:
     encoder: dict[str, Any]  # encoder metadata of the embeddings (name, cfg, fingerprint, tile geometry)
     text: np.ndarray | None = None  # (n, D) text embeddings of the spots' gene sentences (with_text)
     text_encoder: dict[str, Any] | None = None  # metadata of the text table they come from
+    xy_um: np.ndarray | None = None  # (n, 2) spot centres in µm (None when a slide's µm/px is unknown)
 
     def column(self, name: str) -> np.ndarray:
         """One obs column as a NumPy array of str (None stays None)."""
@@ -58,6 +63,7 @@ class Reference:
         return Reference(
             self.obs.take(pa.array(rows)), self.embeddings[rows], self.counts[rows], self.genes, self.encoder,
             None if self.text is None else self.text[rows], self.text_encoder,
+            None if self.xy_um is None else self.xy_um[rows],
         )  # fmt: skip
 
 
@@ -175,7 +181,25 @@ def _read_reference(
         LOG.warning("reference: %d measured spots have no embedded tile and are left out", dropped)
     cols = [Col.COHORT, Col.SLIDE_ID, Col.SPOT_ID, Col.PATIENT, Col.X, Col.Y]
     joined = obs.take(pa.array(s_rows)).select(cols)
-    return Reference(joined, emb[e_rows], counts[s_rows], genes, encoder_meta)
+    return Reference(
+        joined, emb[e_rows], counts[s_rows], genes, encoder_meta, xy_um=_positions_um(store, encoder, joined)
+    )
+
+
+def _positions_um(store: Any, encoder: str, obs: pa.Table) -> np.ndarray | None:
+    """Spot centres in µm (level-0 px times each slide's µm/px); None when a slide's µm/px is unknown."""
+    from embedstore.context import slide_mpp
+
+    xy = np.column_stack([obs.column(Col.X).to_numpy(), obs.column(Col.Y).to_numpy()]).astype(np.float64)
+    cohorts = np.asarray(obs.column(Col.COHORT).to_pylist(), dtype=object)
+    slides = np.asarray(obs.column(Col.SLIDE_ID).to_pylist(), dtype=object)
+    for cohort, slide in dict.fromkeys(zip(cohorts, slides, strict=True)):
+        try:
+            xy[(cohorts == cohort) & (slides == slide)] *= slide_mpp(store, encoder, cohort, slide)
+        except BadInput as e:
+            LOG.info("reference: spot positions in µm unknown (%s); no spatial smoothing is chosen", e)
+            return None
+    return xy
 
 
 def _read_sections(store: Any, sections: Sequence[tuple[str, str]]) -> tuple[pa.Table, list[str], Any]:
@@ -233,6 +257,7 @@ def build_reference_index(
     layout: str = "auto",
     memory_budget: int | str | None = None,
     scratch_dir: str | Path | None = None,
+    smooth_radius_um: float | None = SMOOTH_RADIUS_UM,
 ) -> Any:
     """Panel, aligner, FAISS index and (optionally learned) aggregator from a reference.
 
@@ -264,6 +289,10 @@ def build_reference_index(
     layout, memory_budget, scratch_dir
         Where the FAISS index's inverted lists live (``"auto"``: on disk when the keys exceed
         the budget); see :func:`~embedstore.index.build_exemplar_index`.
+    smooth_radius_um
+        Neighbour radius of the spatial smoothing whose strength is chosen here, on the
+        reference, by cross-validation (``manifest['smoothing']``, applied by
+        ``predict(smooth=True)``); None chooses none.
 
     Returns
     -------
@@ -310,7 +339,35 @@ def build_reference_index(
             idx.fit_learned_aggregator(ref.embeddings, k=k, seed=seed, group_by=group_col)
     idx.manifest["k"] = int(k)
     idx.manifest["group_by"] = group_col
+    if smooth_radius_um is not None and ref.xy_um is not None and len(set(groups)) > 1:
+        idx.manifest["smoothing"] = _choose_smoothing(idx, ref, expr, groups, group_col, k, smooth_radius_um)
     return idx
+
+
+def _choose_smoothing(
+    idx: Any, ref: Reference, expr: np.ndarray, groups: np.ndarray, group_col: str, k: int, radius_um: float
+) -> dict[str, Any]:
+    """The smoothing strength that best recovers the reference's own expression from its leave-group-out predictions.
+
+    Every reference spot is predicted with the exemplars of its own slide (or patient) excluded,
+    as a new slide would be, then smoothed over its slide's neighbours at each candidate
+    strength; the query never takes part.
+    """
+    from embedstore.smoothing import choose_alpha
+
+    with stage(
+        "choosing the spatial smoothing on the reference (each %s left out, radius %g µm)", group_col, radius_um
+    ):
+        pred = idx.predict(ref.embeddings, k=k, query_groups=groups, group_by=group_col)
+        alpha, scores = choose_alpha(pred, expr, ref.xy_um, ref.column(Col.SLIDE_ID), radius_um)
+    step("smoothing: alpha %.2f (Pearson on the reference: %s)", alpha,
+         ", ".join(f"{a:g}: {v:.3f}" for a, v in scores.items()))  # fmt: skip
+    return {
+        "radius_um": float(radius_um),
+        "alpha": float(alpha),
+        "scores": {f"{a:g}": float(v) for a, v in scores.items()},
+        "chosen_on": f"reference, leave one {group_col} out",
+    }
 
 
 def _check_settings(

@@ -116,6 +116,10 @@ def embed(
         str, typer.Option(help="local (this machine) or ray (a Ray cluster; pip install 'embedstore[ray]').")
     ] = "local",
     address: AddressOption = None,
+    stain_norm: Annotated[
+        str | None,
+        typer.Option(help="macenko: normalise each slide's stain before the encoder (another fingerprint)."),
+    ] = None,
 ) -> None:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store (resumable)."""
     from embedstore.embedding import embed as run_embed
@@ -123,7 +127,7 @@ def embed(
     report = run_embed(
         data, store, encoder, weights=weights, cohort=cohort, mpp=mpp, mpp_csv=mpp_csv,
         target_mpp=target_mpp, size_px=size, device=device, batch_size=batch_size, workers=workers,
-        engine=engine, address=address,
+        engine=engine, address=address, stain_norm=stain_norm,
     )  # fmt: skip
     typer.echo(report.summary())
     typer.echo(f"table: {report.store}/embeddings/encoder={report.encoder}/cohort={report.cohort}/")
@@ -150,6 +154,29 @@ def embed_text(
     )
     typer.echo(report.summary())
     typer.echo(f'query: embedstore sql {store} "SELECT slide_id, spot_id, sentence FROM sentences LIMIT 5"')
+
+
+@app.command()
+def context(
+    store: InputPath,
+    encoder: Annotated[str, typer.Option(help="The stored embeddings to add tissue context to.")],
+    cohort: Annotated[str | None, typer.Option(help="Only this cohort's slides; all by default.")] = None,
+    radius: Annotated[
+        list[float] | None, typer.Option(help="Neighbourhood radius in µm, repeatable; default 250 and 600.")
+    ] = None,
+    mpp: Annotated[
+        float | None, typer.Option(help="Level-0 µm/px for slides whose store records none and whose source is gone.")
+    ] = None,
+) -> None:
+    """Store each tile's embedding with the mean embedding of its neighbours (per radius) as a new table."""
+    from embedstore.context import DEFAULT_RADII_UM, embed_context
+
+    report = embed_context(store, encoder, cohort=cohort, radii_um=radius or DEFAULT_RADII_UM, mpp=mpp)
+    typer.echo(report.summary())
+    typer.echo(f"table: {report.table} ({report.store}/embeddings/encoder={report.table}/)")
+    typer.echo(f'use it as an encoder: recipe encoder = "{report.table}", or embedstore predict ... with its index')
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -330,6 +357,9 @@ def predict(
         typer.Option(help="Leave out the exemplars of the query's own slide (slide) or its patient's (patient)."),
     ] = None,
     plot: Annotated[bool, typer.Option(help="Also write maps of the top predicted genes (PNG).")] = False,
+    smooth: Annotated[
+        bool, typer.Option(help="Smooth over neighbouring tiles, as strongly as chosen on the index's reference.")
+    ] = False,
     engine: Annotated[
         str, typer.Option(help="local, or ray: slides sharded over a Ray cluster (--out must be a folder).")
     ] = "local",
@@ -350,8 +380,9 @@ def predict(
         if out.suffix == ".h5ad":
             msg = f"--out {out}: --engine ray writes one .h5ad per slide into a folder; pass a folder"
             raise BadInput(msg)
-        if plot:
-            msg = "--plot: maps are drawn for one .h5ad --out; pass --out FILE.h5ad (with --slide) to get them"
+        if plot or smooth:
+            flag = "--plot: maps are drawn" if plot else "--smooth: smoothing is applied"
+            msg = f"{flag} for one .h5ad --out; pass --out FILE.h5ad (with --slide) to get it"
             raise BadInput(msg)
         report = predict_cohort(
             index, store, out, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator,
@@ -364,7 +395,7 @@ def predict(
         return
     adata = run_predict(
         index, store, slide_ids=slide, cohort=cohort, k=k, aggregator=aggregator,
-        exclude_own=own.get(exclude_own), out=out, plot=plot,
+        exclude_own=own.get(exclude_own), out=out, plot=plot, smooth=smooth,
     )  # fmt: skip
     typer.echo(f"{adata.n_obs} tiles x {adata.n_vars} genes -> {out}")
 
@@ -380,13 +411,18 @@ def evaluate(
     k: Annotated[int, typer.Option(help="Neighbours for the kNN methods.")] = 50,
     n_genes: Annotated[int, typer.Option(help="Panel size (most variable genes of the reference).")] = 250,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    additions: Annotated[
+        str, typer.Option(help="Comma-separated additions reported as paired gains: context, smooth, stain; or none.")
+    ] = "context,smooth,stain",
 ) -> None:
     """Compare every method on the same embeddings, genes and leakage-free splits."""
     from embedstore.evaluation import evaluate as run_evaluate
 
+    chosen = [] if additions.strip() == "none" else [a.strip() for a in additions.split(",") if a.strip()]
     result = run_evaluate(
-        reference, out, query=query, encoder=encoder, weights=weights, store=store, k=k, n_genes=n_genes, seed=seed
-    )
+        reference, out, query=query, encoder=encoder, weights=weights, store=store, k=k, n_genes=n_genes, seed=seed,
+        additions=chosen,
+    )  # fmt: skip
     typer.echo(result.table())
     typer.echo(f"report -> {result.report}")
 

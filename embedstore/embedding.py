@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from embedstore.slide_jobs import (
     slide_failure,
     tile_table,
 )
+from embedstore.stain import REFERENCE, StainTransform, slide_stain_params, stain_metadata, stain_setting
 
 LOG = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ def embed(
     slide_ids: Sequence[str] | None = None,
     engine: str = "local",
     address: str | None = None,
+    stain_norm: str | None = None,
 ) -> EmbedReport:
     """Embed a slide, a folder of slides, or an ST data set into a Parquet store.
 
@@ -173,6 +176,11 @@ def embed(
     address
         Ray cluster address (``host:port``) for ``engine="ray"``; default: ``RAY_ADDRESS``,
         else a Ray instance started on this machine.
+    stain_norm
+        ``"macenko"``: normalise every tile's stain to :data:`embedstore.stain.REFERENCE` before
+        the encoder, with the slide's stain fitted once on its tissue (:mod:`embedstore.stain`);
+        a slide without a stain to fit fails. The stored fingerprint then covers the stain
+        setting, so normalised and raw embeddings are never mixed. ``None``: tiles as read.
 
     A published slide file that is damaged (truncated, zeroed, empty, incomplete, or not
     embedstore's) is not done: it is moved to ``STORE/_quarantine/`` with a warning and the
@@ -186,6 +194,7 @@ def embed(
     if engine not in ("local", "ray"):
         msg = f"engine {engine!r}: not an engine; use local or ray"
         raise BadInput(msg)
+    stain_setting(stain_norm)  # an unknown method is one line, before anything is read or written
     # The input is read and checked before the store folder is created, so bad input leaves nothing.
     jobs, default_cohort = find_jobs(data, mpp=mpp, mpp_csv=mpp_csv)
     if slide_ids is not None:
@@ -216,10 +225,11 @@ def embed(
         workers=workers,
         loader=loader,
         progress=progress,
+        stain_norm=stain_norm,
     )
     LOG.info("embedding %d slide(s) of cohort %s with %s into %s", len(jobs), cohort, enc.name, out.root)
     if engine == "ray":
-        results = ray_embed.embed_slides(jobs, out, enc.metadata(), settings, address)
+        results = ray_embed.embed_slides(jobs, out, stain_metadata(enc.metadata(), stain_norm), settings, address)
     else:
         results = _embed_slides_here(jobs, out, enc, settings)
     return EmbedReport(out.root, enc.name, cohort, results)
@@ -227,7 +237,7 @@ def embed(
 
 def _embed_slides_here(jobs: list[SlideJob], out: Any, enc: Any, settings: EmbedSettings) -> list[SlideResult]:
     """The local engine: slide after slide in this process, tiles read by threads or worker processes."""
-    meta = enc.metadata()
+    meta = stain_metadata(enc.metadata(), settings.stain_norm)
     results: dict[str, SlideResult] = {}
     deferred: list[SlideJob] = []
 
@@ -253,7 +263,8 @@ def _embed_slides_here(jobs: list[SlideJob], out: Any, enc: Any, settings: Embed
                     (settings.target_mpp, settings.size_px, settings.min_tissue),
                     (settings.batch_size, settings.workers, settings.loader),
                     settings.progress,
-                    settings.source(job),
+                    functools.partial(settings.source, job),
+                    settings.stain_norm,
                 )
             except Exception as e:  # noqa: BLE001  (one broken slide must not stop the cohort; the summary names it)
                 results[job.slide_id] = slide_failure(job, e, time.perf_counter() - start, out.root)
@@ -281,15 +292,22 @@ def _embed_slide(
     tiling_args: tuple[float, int, float],
     reading: tuple[int, int, str],
     progress: bool,
-    source: dict[str, Any],
+    source: Callable[..., dict[str, Any]],
+    stain_norm: str | None = None,
 ) -> int:
-    """Embed the tiles of one slide that are not staged yet; publish the slide; return its tile count."""
+    """Embed the tiles of one slide that are not staged yet; publish the slide; return its tile count.
+
+    ``source(slide_mpp=...)`` gives the provenance to record, with the opened slide's level-0 µm/px.
+    """
     from embedstore import slides, tiling
 
     target_mpp, size_px, min_tissue = tiling_args
     batch_size, workers, loader = reading
     with slides.open_slide(job.path, mpp=job.mpp, slide_id=job.slide_id) as slide:
         tiles = tile_table(job, slide, target_mpp, size_px, min_tissue)
+        slide_mpp = slide.mpp
+        # the slide's stain, fitted once on its tissue (a slide without one fails here, before any tile)
+        stain = slide_stain_params(slide, target_mpp) if stain_norm is not None and tiles.num_rows else None
     if tiles.num_rows == 0:
         msg = f"{job.path}: no tiles (no tissue found at {target_mpp} µm/px); check the slide or lower --min-tissue"
         raise BadInput(msg)
@@ -298,14 +316,17 @@ def _embed_slide(
     ids = tiles.column(Col.TILE_ID).to_pylist()
     # The geometry, the tile count and the provenance go into every staged part and the
     # published file: parts of another --target-mpp/--size are refused, not merged.
-    writer = out.slide_writer(meta, cohort, job.slide_id, geometry(target_mpp, size_px), len(ids), source)
+    writer = out.slide_writer(
+        meta, cohort, job.slide_id, geometry(target_mpp, size_px), len(ids), source(slide_mpp=slide_mpp)
+    )
     done = writer.done_tile_ids()
     todo = np.array([i for i, t in enumerate(ids) if t not in done], dtype=np.int64)
     if len(done):
         LOG.info("%s: resuming, %d of %d tiles already staged", job.slide_id, len(ids) - len(todo), len(ids))
     reader = tiling.TileReader(job.path, tiles, mpp=job.mpp)
     bar = counter(len(todo) if progress else 0, job.slide_id, unit="tile")
-    for rows, batch in iterate_batches(reader, todo, enc.transform(), batch_size, workers, loader):
+    transform = enc.transform() if stain is None else StainTransform(stain, REFERENCE, enc.transform())
+    for rows, batch in iterate_batches(reader, todo, transform, batch_size, workers, loader):
         embeddings = enc.forward(batch)
         writer.append(tiles.take(pa.array(rows)), embeddings)
         bar(len(rows))
@@ -452,6 +473,7 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
     left: list[str] = []
     todo: dict[tuple, list[str]] = {}  # embed settings -> slide ids to embed with them
     texts: dict[tuple, list[str]] = {}  # embed-text settings -> slide ids
+    contexts: dict[tuple, list[str]] = {}  # embed-context settings -> slide ids
     for p in before.problems:
         lock = (p.encoder, p.cohort, p.slide_id) if p.encoder else None
         with st.lock_slide(*lock, blocking=False) if lock else _no_lock() as acquired:
@@ -468,7 +490,7 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
             continue
         sources = [st.slide_source(p.encoder, p.cohort, p.slide_id)] if p.encoder else st.sources(p.cohort, p.slide_id)
         # spots and expression come from a slide's image source, never from a text table's (the store itself)
-        sources = [s for s in sources if s and (p.encoder or s.get("kind") != "text")]
+        sources = [s for s in sources if s and (p.encoder or s.get("kind") not in ("text", "context"))]
         if not sources:
             left.append(
                 f"{p.path}: where the slide was embedded from is not recorded (an older embedstore); "
@@ -481,21 +503,24 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
                 src["slide_id"]
             )
             continue
+        if src.get("kind") == "context":  # tissue context: computed again from the store's own embeddings
+            key = (src["cohort"], src["encoder"], tuple(src["radii_um"]), src.get("slide_mpp"))
+            contexts.setdefault(key, []).append(src["slide_id"])
+            continue
         if not Path(src["data"]).exists():
             left.append(
                 f"{p.path}: its source {src['data']} is gone; embed slide {p.slide_id} again from where it is now"
             )
             continue
-        key = tuple(
-            src.get(k) for k in ("data", "cohort", "encoder", "weights", "mpp", "target_mpp", "size_px", "min_tissue")
-        )
+        keys = ("data", "cohort", "encoder", "weights", "mpp", "target_mpp", "size_px", "min_tissue", "stain_norm")
+        key = tuple(src.get(k) for k in keys)
         todo.setdefault(key, []).append(src["slide_id"])
-    for (data, cohort, encoder, weights, mpp, target_mpp, size_px, min_tissue), slide_ids in todo.items():
+    for (data, cohort, encoder, weights, mpp, target_mpp, size_px, min_tissue, stain_norm), slide_ids in todo.items():
         try:
             report = embed(
                 data, st.root, encoder, weights=weights, cohort=cohort, mpp=mpp, target_mpp=target_mpp,
                 size_px=size_px, min_tissue=min_tissue, device=device, workers=workers, progress=False,
-                slide_ids=sorted(set(slide_ids)),
+                slide_ids=sorted(set(slide_ids)), stain_norm=stain_norm,
             )  # fmt: skip
         except EmbedstoreError as e:
             left.append(f"{data}: re-embedding failed: {e}")
@@ -508,6 +533,7 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
                     f"slide {r.slide_id} of cohort {cohort}: re-embedded from {data} ({r.reason or f'{r.n_tiles} tiles'})"
                 )
     left += _repair_text(st, texts, repaired, device)
+    left += _repair_context(st, contexts, repaired)
     after = verify_store(st)
     remaining = [p.line() for p in after.problems] + left
     return CheckReport(st.root, before.n_files, found, repaired, remaining, after.notes)
@@ -536,6 +562,28 @@ def _repair_text(st: Any, todo: dict[tuple, list[str]], repaired: list[str], dev
                 repaired.append(
                     f"slide {r.slide_id} of cohort {cohort}: gene sentences re-embedded ({encoder} text tower)"
                 )
+    return left
+
+
+def _repair_context(st: Any, todo: dict[tuple, list[str]], repaired: list[str]) -> list[str]:
+    """Compute the tissue context of damaged context slides again (``embedstore context``); what could not be."""
+    from embedstore.context import embed_context
+
+    left = []
+    for (cohort, encoder, radii, mpp), slide_ids in todo.items():
+        try:
+            report = embed_context(
+                st.root, encoder, cohort=cohort, slide_ids=sorted(set(slide_ids)), radii_um=radii, mpp=mpp,
+                progress=False,
+            )  # fmt: skip
+        except EmbedstoreError as e:
+            left.append(f"{st.root}: recomputing the context of {', '.join(slide_ids)} failed: {e}")
+            continue
+        for r in report.results:
+            if r.status == "failed":
+                left.append(f"slide {r.slide_id} of cohort {cohort}: context could not be recomputed: {r.reason}")
+            elif r.status == "done":
+                repaired.append(f"slide {r.slide_id} of cohort {cohort}: context recomputed ({report.table})")
     return left
 
 

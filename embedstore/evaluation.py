@@ -50,6 +50,18 @@ __all__ = ["METHODS", "EvalResult", "evaluate", "prepare_out"]
 METHODS = ("ridge", "knn-raw", "bleep", "softmax", "idw", "learned", "loki", "loki-tuned")
 # Methods that need text embeddings of gene sentences: run by default with an encoder that has a text tower.
 TEXT_METHODS = ("loki", "loki-tuned")
+# What evaluate adds to the methods, each reported as its paired gain over the same method without it:
+# context features from the store, spatial smoothing of the predictions, Macenko stain normalisation.
+ADDITIONS = ("context", "smooth", "stain")
+ADDITION_NOTES = {
+    "context": "the encoder's embeddings plus the means of those within 250 and 600 µm (embedstore context)",
+    "smooth": "predictions smoothed over tiles within 250 µm, strength chosen on the reference by leave-one-out",
+    "stain": "tiles Macenko-normalised to the reference stain before encoding (embed --stain-norm macenko)",
+}
+# The methods run again with context or stain (the aligned index serves bleep, softmax, idw and learned).
+VARIANT_METHODS = ("ridge", "knn-raw", "bleep", "softmax", "idw", "learned")
+SMOOTHED = ("knn-raw", "bleep", "softmax", "idw", "learned", "loki", "loki-tuned")  # index methods
+STAIN_STORE = "store-stain"  # OUT/store-stain: the cohorts embedded from stain-normalised tiles
 METHOD_NOTES = {
     "ridge": "HEST-Benchmark probe: standard scaling, PCA(256), ridge alpha = 100 / (features x genes)",
     "knn-raw": "kNN on raw (L2-normalised) embeddings, mean of top k; no aligner",
@@ -65,7 +77,7 @@ EVAL_KIND = "evaluation"
 MARKER = "evaluation.json"
 SYNTHETIC_COHORT = "synthetic-cohort"  # where embedstore.demo writes its cohort
 # Entries of an evaluation folder that a run never replaces or removes.
-KEPT = ("store", SYNTHETIC_COHORT, MARKER)
+KEPT = ("store", STAIN_STORE, SYNTHETIC_COHORT, MARKER)
 INDEXES = "indexes"  # folder of a split's index folders
 ALIGNED = ("bleep", "softmax", "idw", "learned")  # methods served by the aligned index
 # Aggregator each kNN method asks predict() for: a registered one with its default parameters,
@@ -100,9 +112,19 @@ class Settings:
     seed: int = 0
     aligner: tuple[tuple[str, Any], ...] = ()  # AlignerConfig overrides
     methods: tuple[str, ...] = METHODS
+    additions: tuple[str, ...] = ADDITIONS
 
 
-@validated(methods=StrList(choices=METHODS, nonempty=True, optional=True))
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The embeddings one family of methods is evaluated on: a method-name suffix, a store and a table."""
+
+    suffix: str  # "" (the encoder's embeddings), "+context" or "+stain"
+    store: Path
+    encoder: str  # the table read: the encoder's, or its context table
+
+
+@validated(methods=StrList(choices=METHODS, nonempty=True, optional=True), additions=StrList(choices=ADDITIONS))
 def evaluate(
     reference: str | Path,
     out: str | Path,
@@ -116,6 +138,7 @@ def evaluate(
     seed: int = 0,
     methods: Sequence[str] | None = None,
     aligner: dict[str, Any] | None = None,
+    additions: Sequence[str] = ADDITIONS,
     workers: int = 2,
     batch_size: int = 32,
 ) -> EvalResult:
@@ -141,6 +164,13 @@ def evaluate(
         ``loki-tuned``) only with an encoder that has a text tower (OmiCLIP).
     aligner
         :class:`~embedstore.aligner.AlignerConfig` overrides.
+    additions
+        What is added to the methods and reported as a paired gain over the same method without
+        it (``metrics['gains']``): ``"context"`` (:func:`embedstore.context.embed_context`
+        features: ridge, knn-raw and the aligned methods again on them), ``"smooth"`` (every
+        index method's predictions smoothed, strength chosen on the training slides) and
+        ``"stain"`` (the cohorts embedded again from Macenko-normalised tiles into
+        ``OUT/store-stain``). All three by default; ``()`` for none.
     workers, batch_size
         Embedding settings.
     """
@@ -166,7 +196,10 @@ def evaluate(
         create_encoder(encoder or DEFAULT_ENCODER, weights=weights).name if weights else (encoder or DEFAULT_ENCODER)
     )
     methods = _methods(methods, enc_name)
-    settings = Settings(k, n_genes, seed, aligner=tuple(sorted((aligner or {}).items())), methods=methods)
+    settings = Settings(
+        k, n_genes, seed, aligner=tuple(sorted((aligner or {}).items())), methods=methods,
+        additions=tuple(dict.fromkeys(additions)),
+    )  # fmt: skip
 
     cohorts = {"reference": Path(reference)} | ({"query": Path(query)} if query else {})
     thumbnails: dict[str, Any] = {}
@@ -192,6 +225,12 @@ def evaluate(
         with stage("embedding the gene sentences of the reference cohort (text tower of %s)", enc_name):
             embed_text(store, enc_name, cohort="reference", weights=weights)
 
+    variants = [Variant("", store, enc_name)]
+    if "context" in settings.additions:
+        variants.append(_context_variant(store, enc_name, cohorts))
+    if "stain" in settings.additions:
+        variants.append(_stain_variant(out / STAIN_STORE, enc_name, cohorts, weights, workers, batch_size))
+
     from embedstore.build import load_reference
     from embedstore.store import open_store
 
@@ -201,9 +240,15 @@ def evaluate(
     # The run is written into a fresh folder and published only once complete.
     with temp_dir(out / "results", shown_as=out) as staging:
         if query:
-            qry = load_reference(st, enc_name, cohort="query")
-            split = Split("query", ref, qry, None, "query")
-            predictions, truth, gene_sets = _run_split(st, split, settings, staging)
+
+            def query_split(v: Variant) -> Split:
+                vst = open_store(v.store)
+                return Split(
+                    "query", load_reference(vst, v.encoder, cohort="reference"),
+                    load_reference(vst, v.encoder, cohort="query"), None, "query",
+                )  # fmt: skip
+
+            predictions, truth, gene_sets = _run_variants(variants, query_split, settings, staging)
             _write_predictions(staging, predictions, run)
             folds_note = f"reference {reference} ({len(set(ref.column(Col.SLIDE_ID)))} slides) -> query {query}"
             with stage("scoring"):
@@ -211,18 +256,22 @@ def evaluate(
             metrics["split"] = {"mode": "reference-query", "reference": str(reference), "query": str(query)}
             report_inputs = (predictions, truth)
         else:
-            metrics, report_inputs, folds_note = _cross_validate(st, ref, settings, staging, run)
+            metrics, report_inputs, folds_note = _cross_validate(variants, ref, settings, staging, run)
+        from embedstore.scoring import paired_gains
+
+        metrics["gains"] = paired_gains(metrics, settings.additions)
         metrics["settings"] = {
             **dataclasses.asdict(settings),
             "encoder": ref.encoder,
             "methods_described": METHOD_NOTES,
+            "additions_described": {a: ADDITION_NOTES[a] for a in settings.additions},
         }
         metrics["run"] = run
         _write_json(staging / "metrics.json", metrics)
 
-        from embedstore.report import write_report
+        from embedstore.report import format_gains, write_report
 
-        notes = [folds_note, *_verdicts(metrics), *skipped_notes]
+        notes = [folds_note, *_verdicts(metrics), *format_gains(metrics), *skipped_notes]
         with stage("writing the report"):
             write_report(
                 staging, metrics, report_inputs[0], report_inputs[1], thumbnails,
@@ -462,18 +511,56 @@ def _truth(qry: Any, panel: Any) -> Any:
     return prediction_anndata(values, present, qry.obs.to_pandas())
 
 
-def _run_split(st: Any, split: Split, s: Settings, run_dir: Path) -> tuple[dict[str, Any], Any, dict[str, list[str]]]:
+def _run_variants(
+    variants: Sequence[Variant], split_of: Any, s: Settings, run_dir: Path
+) -> tuple[dict[str, Any], Any, dict[str, list[str]]]:
+    """Every method on the split of each variant (the encoder's embeddings, its context, stain-normalised ones).
+
+    ``split_of(variant)`` reads the variant's training and test slides. The gene panel, the
+    gene sets and the truth are the base variant's (every variant holds the same spots and
+    counts); each test slide's H&E is read once, from the base store, and put in every
+    method's ``uns['spatial']``.
+    """
+    from embedstore.prediction import spatial_libraries
+    from embedstore.store import open_store
+
+    predictions: dict[str, Any] = {}
+    truth = gene_sets = None
+    for v in variants:
+        split = split_of(v)
+        methods = s.methods if not v.suffix else tuple(m for m in s.methods if m in VARIANT_METHODS)
+        preds, t, gs = _run_split(
+            open_store(v.store), split, dataclasses.replace(s, methods=methods), run_dir, v.suffix
+        )
+        if not v.suffix:
+            truth, gene_sets, base = t, gs, split
+        predictions.update(preds)
+    test_slides = list(dict.fromkeys(base.test.column(Col.SLIDE_ID)))
+    # Every method's file draws over the H&E (lowres only: one copy per method and slide).
+    libraries = spatial_libraries(
+        open_store(variants[0].store), variants[0].encoder, [(base.test_cohort, t) for t in test_slides], hires=False
+    )
+    for adata in predictions.values():
+        adata.uns["spatial"] = libraries
+    return predictions, truth, gene_sets
+
+
+def _run_split(
+    st: Any, split: Split, s: Settings, run_dir: Path, suffix: str = ""
+) -> tuple[dict[str, Any], Any, dict[str, list[str]]]:
     """Build every method on the split's training slides and predict its test slides.
 
     The kNN methods run the public stages: :func:`~embedstore.build.build_index` writes the
-    ``knn-raw`` and ``aligned`` index folders into ``run_dir/<split.folder>/indexes/`` and
-    :func:`~embedstore.prediction.predict` reads them back; each test slide's H&E is read once and
-    put in every method's ``uns['spatial']``. Returns predictions (by method), truth and gene sets.
+    ``knn-raw``, ``aligned`` (and Loki) index folders into ``run_dir/<split.folder>/indexes/``
+    and :func:`~embedstore.prediction.predict` reads them back; with the ``smooth`` addition each
+    index method is predicted again with ``smooth=True`` (``<method>+smooth``). ``suffix``
+    (``"+context"``, ``"+stain"``) names the variant in method and index names. Returns
+    predictions (by method), truth and gene sets.
     """
     from embedstore.build import build_index
     from embedstore.expression import apply_panel, normalize_log1p
     from embedstore.index_folder import load_index
-    from embedstore.prediction import predict, prediction_anndata, spatial_libraries
+    from embedstore.prediction import predict, prediction_anndata
     from embedstore.probe import fit_ridge_probe
 
     train, test = split.train, split.test
@@ -482,45 +569,73 @@ def _run_split(st: Any, split: Split, s: Settings, run_dir: Path) -> tuple[dict[
     test_slides = list(dict.fromkeys(test.column(Col.SLIDE_ID)))
     predictions: dict[str, Any] = {}
     if "ridge" in s.methods:
-        with stage("%s: fitting the ridge probe", split.name):
+        with stage("%s: fitting the ridge probe%s", split.name, suffix):
             expr = apply_panel(normalize_log1p(train.counts), train.genes, panel)
             values = fit_ridge_probe(train.embeddings, expr, seed=s.seed).predict(test.embeddings)
-        predictions["ridge"] = prediction_anndata(values, panel.genes, test.obs.to_pandas(), uns=_method_uns("ridge"))
+        name = f"ridge{suffix}"
+        predictions[name] = prediction_anndata(values, panel.genes, test.obs.to_pandas(), uns=_method_uns(name))
     served = {
         "knn-raw": [m for m in ("knn-raw",) if m in s.methods],
         "aligned": [m for m in ALIGNED if m in s.methods],
         **{m: [m] for m in TEXT_METHODS if m in s.methods},
     }
+    smoothed = "smooth" in s.additions and not suffix
     for name, methods in served.items():
         if not methods:
             continue
-        index = Path(split.folder, INDEXES, name)
+        index = Path(split.folder, INDEXES, f"{name}{suffix}")
         recipe = _recipe(name, train.encoder["name"], gene_sets, k, s)
-        with stage("%s: building the %s index from %d slides", split.name, name, len(set(train.column(Col.SLIDE_ID)))):
+        with stage(
+            "%s: building the %s index from %d slides", split.name, index.name, len(set(train.column(Col.SLIDE_ID)))
+        ):
             build_index(recipe, st.root, run_dir / index, slide_ids=split.train_slides)
         loaded = load_index(run_dir / index)  # read once for its methods
         for m in methods:
-            with stage("%s: predicting %s", split.name, m):
-                adata = predict(
-                    loaded,
-                    st,
-                    slide_ids=test_slides,
-                    cohort=split.test_cohort,
-                    k=k,
-                    aggregator=AGGREGATOR_OF[m],
-                    images=False,  # read once below for every method
-                )
-            adata.uns[UNS_KEY] = {**dict(adata.uns[UNS_KEY]), **_method_uns(m), "index": index.as_posix()}
-            predictions[m] = adata
-    # Every method's file draws over the H&E (lowres only: one copy per method and slide).
-    libraries = spatial_libraries(st, train.encoder["name"], [(split.test_cohort, t) for t in test_slides], hires=False)
-    for adata in predictions.values():
-        adata.uns["spatial"] = libraries
+            for smooth in (False, True) if smoothed and "smoothing" in loaded.manifest else (False,):
+                method = f"{m}{suffix}" + ("+smooth" if smooth else "")
+                with stage("%s: predicting %s", split.name, method):
+                    adata = predict(
+                        loaded, st, slide_ids=test_slides, cohort=split.test_cohort, k=k,
+                        aggregator=AGGREGATOR_OF[m], images=False, smooth=smooth,
+                    )  # fmt: skip
+                adata.uns[UNS_KEY] = {**dict(adata.uns[UNS_KEY]), **_method_uns(method), "index": index.as_posix()}
+                predictions[method] = adata
     return predictions, _truth(test, panel), gene_sets
 
 
+def _context_variant(store: Path, encoder: str, cohorts: dict[str, Path]) -> Variant:
+    """The cohorts' context features (:func:`embedstore.context.embed_context`), computed once into the store."""
+    from embedstore.context import context_table, embed_context
+
+    for cohort in cohorts:
+        with stage("context features of the %s cohort (%s)", cohort, encoder):
+            embed_context(store, encoder, cohort=cohort, progress=False)
+    return Variant("+context", store, context_table(encoder))
+
+
+def _stain_variant(
+    store: Path, encoder: str, cohorts: dict[str, Path], weights: str | None, workers: int, batch_size: int
+) -> Variant:
+    """The cohorts embedded again from Macenko-normalised tiles, into their own store (reused by reruns)."""
+    from embedstore.embedding import embed
+
+    for cohort, data in cohorts.items():
+        with stage("embedding the %s cohort %s from stain-normalised tiles", cohort, data):
+            report = embed(
+                data, store, encoder, weights=weights, cohort=cohort, workers=workers, batch_size=batch_size,
+                stain_norm="macenko", progress=False,
+            )  # fmt: skip
+        failed = [r for r in report.results if r.status == "failed"]
+        if failed:
+            msg = f"{data}: section {failed[0].slide_id} cannot be stain-normalised ({failed[0].reason}); evaluate with additions that leave out 'stain'"
+            raise BadInput(msg)
+    return Variant("+stain", store, encoder)
+
+
 def _method_uns(method: str) -> dict[str, str]:
-    return {"method": method, "description": METHOD_NOTES[method]}
+    base, *added = method.split("+")
+    description = METHOD_NOTES[base] + "".join(f"; + {a}: {ADDITION_NOTES[a]}" for a in added)
+    return {"method": method, "description": description}
 
 
 def _write_predictions(folder: Path, predictions: dict[str, Any], run: str) -> None:
@@ -537,7 +652,9 @@ def _score(predictions: dict[str, Any], truth: Any, gene_sets: dict[str, list[st
     return score_predictions(predictions, truth, gene_sets)
 
 
-def _cross_validate(st: Any, ref: Any, s: Settings, out: Path, run: str) -> tuple[dict[str, Any], tuple[Any, Any], str]:
+def _cross_validate(
+    variants: Sequence[Variant], ref: Any, s: Settings, out: Path, run: str
+) -> tuple[dict[str, Any], tuple[Any, Any], str]:
     """Leave-one-group-out over patients (or sections); per-slide scores merged over folds.
 
     Each fold reads its training and held-out slides from the store on their own, as
@@ -547,6 +664,7 @@ def _cross_validate(st: Any, ref: Any, s: Settings, out: Path, run: str) -> tupl
     import anndata as ad
 
     from embedstore.build import load_reference
+    from embedstore.store import open_store
 
     group_col = ref.group_column("auto")
     groups = ref.column(group_col).astype(str)
@@ -566,20 +684,20 @@ def _cross_validate(st: Any, ref: Any, s: Settings, out: Path, run: str) -> tupl
         test_slides = list(dict.fromkeys(slides[groups == g]))
         step("fold %d/%d: %s %s held out (%d slides), %d training slides", i, len(unique), group_col, g,
              len(test_slides), len(train_slides))  # fmt: skip
-        encoder = ref.encoder["name"]
-        split = Split(
-            f"fold {g}",
-            load_reference(st, encoder, cohort="reference", slide_ids=train_slides),
-            load_reference(st, encoder, cohort="reference", slide_ids=test_slides),
-            train_slides,
-            "reference",
-            folder=f"fold-{g}",
-        )
-        predictions, truth, gene_sets = _run_split(st, split, s, out)
-        _write_predictions(out / split.folder, predictions, run)
+
+        def fold_split(v: Variant, g: str = g, train: list = train_slides, test: list = test_slides) -> Split:
+            vst = open_store(v.store)
+            return Split(
+                f"fold {g}", load_reference(vst, v.encoder, cohort="reference", slide_ids=train),
+                load_reference(vst, v.encoder, cohort="reference", slide_ids=test), train, "reference",
+                folder=f"fold-{g}",
+            )  # fmt: skip
+
+        predictions, truth, gene_sets = _run_variants(variants, fold_split, s, out)
+        _write_predictions(out / f"fold-{g}", predictions, run)
         with stage("fold %s: scoring", g):
             m = _score(predictions, truth, gene_sets)
-        _write_json(out / split.folder / "metrics.json", {**m, "run": run})
+        _write_json(out / f"fold-{g}" / "metrics.json", {**m, "run": run})
         fold_metrics.append(m)
         truths.append(truth)
         for method, p in predictions.items():

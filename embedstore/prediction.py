@@ -262,6 +262,7 @@ def predict(
     images: bool = True,
     out: str | Path | None = None,
     plot: bool = False,
+    smooth: bool = False,
 ) -> Any:
     """Predict expression for stored tiles with an exemplar index.
 
@@ -288,6 +289,10 @@ def predict(
     plot
         Also write maps of the most variable predicted genes next to ``out``
         (``<out>.<slide>.png``), over the slide's H&E when ``images``.
+    smooth
+        Smooth each slide's predictions over the tiles within the index's radius:
+        ``(1 - alpha) * own + alpha * mean of neighbours``, with the strength ``alpha`` chosen
+        when the index was built, by cross-validation on its reference (never on the query).
 
     Returns
     -------
@@ -309,6 +314,7 @@ def predict(
         raise BadInput(msg)
     k = int(k or idx.manifest.get("k", 50))
     _check_k_and_aggregator(idx, k, aggregator)
+    smoothing = _smoothing(idx, index) if smooth else None
     if aggregator == idx.manifest["aggregator"]["name"]:
         aggregator = None  # the index's own, with the parameters it was built with
     slides = list(slide_ids) if slide_ids else _slides(st, encoder, cohort)
@@ -345,6 +351,9 @@ def predict(
         raise BadInput(msg)
     tiles = pd.concat(obs, ignore_index=True)
     slides_done = list(dict.fromkeys(zip(tiles[Col.COHORT], tiles[Col.SLIDE_ID], strict=True)))
+    values = np.concatenate(values)
+    if smoothing is not None:
+        values = _smoothed(st, encoder, tiles, values, smoothing)
     if exclude_own is None:
         _warn_in_sample(idx, slides_done)
     uns = {
@@ -354,14 +363,42 @@ def predict(
         "aggregator": aggregator or idx.manifest["aggregator"]["name"],
         "exclude_own": exclude_own or "",
         "n_exemplars": len(idx),
+        **({"smoothing": smoothing} if smoothing else {}),
     }
     spatial = spatial_libraries(st, encoder, slides_done) if images else None
-    adata = prediction_anndata(np.concatenate(values), idx.genes, tiles, uns=uns, spatial=spatial)
+    adata = prediction_anndata(values, idx.genes, tiles, uns=uns, spatial=spatial)
     if out is not None:
         write_h5ad(adata, out)
         if plot:
             _plot(adata, Path(out))
     return adata
+
+
+def _smoothing(idx: Any, index: Any) -> dict[str, Any]:
+    """The index's smoothing (radius, strength chosen on its reference); one line when it has none."""
+    chosen = idx.manifest.get("smoothing")
+    if not chosen:
+        msg = (
+            f"smooth (--smooth): the index {index if isinstance(index, str | Path) else ''} has no smoothing chosen on "
+            "its reference (built from one slide or patient, from spots without known µm/px, or by an older "
+            "embedstore); rebuild it, or predict without --smooth"
+        )
+        raise BadInput(msg)
+    return {k: chosen[k] for k in ("radius_um", "alpha")}
+
+
+def _smoothed(st: Any, encoder: str, tiles: Any, values: np.ndarray, smoothing: dict[str, Any]) -> np.ndarray:
+    """Each slide's predictions smoothed over its own tiles within the radius (positions in µm)."""
+    from embedstore.context import slide_mpp
+    from embedstore.smoothing import neighbour_graph, smooth
+
+    out = values.copy()
+    cohorts, slides = tiles[Col.COHORT].astype(str).to_numpy(), tiles[Col.SLIDE_ID].astype(str).to_numpy()
+    for cohort, slide in dict.fromkeys(zip(cohorts, slides, strict=True)):
+        rows = np.flatnonzero((cohorts == cohort) & (slides == slide))
+        xy = tiles[[Col.X, Col.Y]].to_numpy(dtype=np.float64)[rows] * slide_mpp(st, encoder, cohort, slide)
+        out[rows] = smooth(values[rows], neighbour_graph(xy, smoothing["radius_um"]), smoothing["alpha"])
+    return out
 
 
 def _check_k_and_aggregator(idx: Any, k: int, aggregator: str | None) -> None:

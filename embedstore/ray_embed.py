@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -44,6 +45,8 @@ from embedstore.slide_jobs import (
 LOG = logging.getLogger(__name__)
 
 CHUNK_BATCHES = 8  # forward batches per tile-reading task
+_SLIDE_MPP = "embedstore.slide_mpp"  # tile-table schema metadata: the slide's level-0 µm/px
+_STAIN = "embedstore.stain"  # tile-table schema metadata: the slide's stain (stain_norm), 8 numbers
 
 
 PURPOSE = "embed --engine ray"
@@ -172,16 +175,35 @@ def _tile_table_task(job: SlideJob, settings: EmbedSettings) -> pa.Table | BaseE
     """Run on a worker: the slide's tile table (the local engine's), or the error that stopped it."""
     from embedstore import slides
     from embedstore.slide_jobs import tile_table
+    from embedstore.stain import slide_stain_params
 
     try:
         with slides.open_slide(job.path, mpp=job.mpp, slide_id=job.slide_id) as slide:
             tiles = tile_table(job, slide, settings.target_mpp, settings.size_px, settings.min_tissue)
+            # the level-0 µm/px, for the slide's recorded source (the driver never opens the slide)
+            tiles = tiles.replace_schema_metadata({**(tiles.schema.metadata or {}), _SLIDE_MPP: repr(slide.mpp)})
+            if settings.stain_norm is not None and tiles.num_rows:
+                # the slide's stain, fitted once here as the local engine does; the reading tasks normalise with it
+                stain = slide_stain_params(slide, settings.target_mpp).to_array().tolist()
+                tiles = tiles.replace_schema_metadata({**tiles.schema.metadata, _STAIN: json.dumps(stain)})
     except Exception as e:  # noqa: BLE001  (returned, so the driver reports it per slide)
         return e
     if tiles.num_rows == 0:
         msg = f"{job.path}: no tiles (no tissue found at {settings.target_mpp} µm/px); check the slide or lower --min-tissue"
         return BadInput(msg)
     return tiles
+
+
+def _slide_mpp(tiles: pa.Table) -> float | None:
+    """The level-0 µm/px :func:`_tile_table_task` put into a tile table's schema metadata."""
+    found = (tiles.schema.metadata or {}).get(_SLIDE_MPP.encode())
+    return None if found is None else float(found)
+
+
+def _stain(tiles: pa.Table) -> np.ndarray:
+    """The stain :func:`_tile_table_task` put into a tile table's schema metadata (8 numbers; NaN: none)."""
+    found = (tiles.schema.metadata or {}).get(_STAIN.encode())
+    return np.full(8, np.nan) if found is None else np.array(json.loads(found), dtype=np.float64)
 
 
 def _tile_tables(ray: Any, jobs: list[SlideJob], settings: EmbedSettings) -> list[Any]:
@@ -226,8 +248,9 @@ def _open(s: _Slide, out: Any, meta: dict, settings: EmbedSettings) -> None:
         if s.result is None:
             if s.job.spots is not None:
                 out.write_spots_anndata(settings.cohort, s.job.slide_id, s.job.spots)
+            source = settings.source(s.job, slide_mpp=_slide_mpp(s.tiles))
             s.writer = out.slide_writer(
-                meta, settings.cohort, s.job.slide_id, settings.geometry, s.tiles.num_rows, settings.source(s.job)
+                meta, settings.cohort, s.job.slide_id, settings.geometry, s.tiles.num_rows, source
             )
             staged = s.writer.done_tile_ids()  # what this run planned around, or more if another run added some
             if staged:
@@ -285,6 +308,7 @@ def _read_items(slides: list[_Slide], batch_size: int) -> list[dict[str, Any]]:
                     "y": y[rows],
                     "mpp": mpp[rows],
                     "size_px": size[rows],
+                    "stain": _stain(s.tiles),
                 }
             )
     return items
@@ -296,6 +320,7 @@ def read_tiles(batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[s
     A tile that cannot be read marks the rest of its chunk with the error (the driver fails
     the slide and names the error); it is never retried as a worker fault would be.
     """
+    from embedstore.stain import REFERENCE, StainParams, normalize
     from embedstore.tiling import TileReader
 
     for i in range(len(batch["slide"])):
@@ -310,6 +335,8 @@ def read_tiles(batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[s
             }
         )
         slide = np.full(len(rows), batch["slide"][i], dtype=np.int32)
+        stain = np.asarray(batch["stain"][i], dtype=np.float64)
+        params = StainParams.from_array(stain) if np.isfinite(stain).all() else None
         try:
             reader = TileReader(str(batch["path"][i]), table, mpp=None if math.isnan(mpp) else mpp)
         except Exception as e:  # noqa: BLE001
@@ -319,6 +346,8 @@ def read_tiles(batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[s
             hi = min(lo + batch_size, len(rows))
             try:
                 images = np.stack([reader[j] for j in range(lo, hi)])
+                if params is not None:  # the local engine's normalisation, pixel for pixel
+                    images = normalize(images, params, REFERENCE)
             except Exception as e:  # noqa: BLE001
                 yield _error_rows(slide[lo:], rows[lo:], table, f"{batch['path'][i]}: {type(e).__name__}: {e}")
                 break

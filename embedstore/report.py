@@ -73,7 +73,23 @@ def format_table(metrics: Mapping[str, Any]) -> str:
                     f"{method} / {gs}: {g['n_undefined']} undefined gene-slide correlations excluded, "
                     f"{g['n_missing']} genes missing"
                 )
+    out += format_gains(metrics)
     return "\n".join(out)
+
+
+def format_gains(metrics: Mapping[str, Any]) -> list[str]:
+    """One line per addition and method: its paired gain in Pearson r per gene set, mean ± SE over slides."""
+    lines = []
+    for addition, by_method in metrics.get("gains", {}).items():
+        for method, sets in by_method.items():
+            cells = [
+                f"{gs} {g['mean']:+.3f} ± {g['se']:.3f}" if g["se"] is not None else f"{gs} {g['mean']:+.3f}"
+                for gs, g in sets.items()
+                if g["mean"] is not None
+            ]
+            n = max((g["n_slides"] for g in sets.values()), default=0)
+            lines.append(f"gain of +{addition} for {method} (paired over {n} slides, mean ± SE): {', '.join(cells)}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- plots

@@ -30,6 +30,7 @@ __all__ = [
     "gene_set_size",
     "gene_set_sizes",
     "metrics_table",
+    "paired_gains",
     "score_predictions",
     "spot_keys",
 ]
@@ -302,3 +303,38 @@ def metrics_table(metrics: Mapping[str, Any], stat: str = "pearson") -> pd.DataF
             row += [g[f"{stat}_mean"], g[f"{stat}_std_over_slides"]]
         rows.append([np.nan if v is None else v for v in row])
     return pd.DataFrame(rows, index=pd.Index(list(metrics["methods"]), name="method"), columns=cols, dtype=float)
+
+
+def paired_gains(metrics: Mapping[str, Any], additions: Sequence[str], stat: str = "pearson") -> dict[str, Any]:
+    """The gain of each addition over the same method without it, paired slide by slide.
+
+    A method ``m`` evaluated with an addition ``a`` is named ``"m+a"`` in ``metrics["methods"]``.
+    For each such pair and gene set, the difference of the per-slide ``{stat}_mean`` (with minus
+    without) is taken on every slide where both are defined: the same slides, folds and genes.
+
+    Returns
+    -------
+    ``{addition: {method: {gene set: {"mean": d, "se": sd / sqrt(n), "n_slides": n,
+    "per_slide": {slide: d}}}}}``; ``se`` is null with fewer than two slides.
+    """
+    methods = metrics["methods"]
+    out: dict[str, Any] = {}
+    for addition in additions:
+        suffix = f"+{addition}"
+        pairs = {m.removesuffix(suffix): m for m in methods if m.endswith(suffix) and m.removesuffix(suffix) in methods}
+        for base, variant in pairs.items():
+            for gs, without in methods[base]["gene_sets"].items():
+                with_ = methods[variant]["gene_sets"][gs]["per_slide"]
+                diffs = {
+                    slide: with_[slide][f"{stat}_mean"] - entry[f"{stat}_mean"]
+                    for slide, entry in without["per_slide"].items()
+                    if entry[f"{stat}_mean"] is not None and with_.get(slide, {}).get(f"{stat}_mean") is not None
+                }
+                d = np.asarray(list(diffs.values()), dtype=np.float64)
+                out.setdefault(addition, {}).setdefault(base, {})[gs] = {
+                    "mean": _num(d.mean()) if d.size else None,
+                    "se": _num(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else None,
+                    "n_slides": int(d.size),
+                    "per_slide": {k: _num(v) for k, v in diffs.items()},
+                }
+    return out

@@ -85,20 +85,26 @@ class EmbedSettings:
     workers: int
     loader: str
     progress: bool
+    stain_norm: str | None = None  # stain normalisation of every tile (embedstore.stain), or None
 
     @property
     def geometry(self) -> dict:
         """The tile geometry every file of this run records."""
         return geometry(self.target_mpp, self.size_px)
 
-    def source(self, job: SlideJob) -> dict[str, Any]:
-        """Where a slide was embedded from and how (recorded beside it, so `check --repair` can redo it)."""
+    def source(self, job: SlideJob, slide_mpp: float | None = None) -> dict[str, Any]:
+        """Where a slide was embedded from and how (recorded beside it, so `check --repair` can redo it).
+
+        ``slide_mpp`` is the level-0 µm/px the slide was tiled with (the opened slide's ``mpp``):
+        tile centres are level-0 pixels, and this turns them into µm (:mod:`embedstore.context`).
+        """
         source = {
             "data": str((self.data if job.spots is not None else Path(job.path)).resolve()),
             "kind": "st" if job.spots is not None else "slide",
             "cohort": self.cohort,
             "slide_id": job.slide_id,
             "mpp": job.mpp,
+            "slide_mpp": None if slide_mpp is None else float(slide_mpp),
             "encoder": self.encoder,
             "weights": self.weights,
             "target_mpp": self.target_mpp,
@@ -108,6 +114,8 @@ class EmbedSettings:
         if job.spots is not None and job.path is not None:  # what a prediction's H&E needs, without the counts
             source["image"] = str(Path(job.path).resolve())
             source["spot_diameter_um"] = job.spots.uns["embedstore"].get("spot_diameter_um")
+        if self.stain_norm is not None:  # recorded only when set: sources of runs without it stay as they were
+            source["stain_norm"] = self.stain_norm
         return source
 
 

@@ -9,6 +9,12 @@ Everything here is deterministic given ``seed`` and needs no data download:
 - :func:`make_synthetic_cohort` writes several slides plus spot tables in the legacy-ST (her2st)
   layout, with expression driven by the image content around each spot.
 
+Stain and scanner shift (``stain_matrix``, ``blur_sigma_px``; per patient ``stain_shift``): the same
+tissue is then rendered by Beer–Lambert from hematoxylin and eosin concentrations with the given
+optical-density vectors, and blurred by a Gaussian point-spread function before the sensor noise.
+Expression never depends on them: spot features are always taken from the default rendering.
+By default nothing changes (the same bytes as without these options).
+
 The texture is a pure function of level-0 pixel coordinates (hash-based nuclei on a jittered cell
 grid, separable low-frequency fields for tissue shape and region type), so any region can be
 re-rendered exactly; that is how spot features are computed without reading the file back.
@@ -22,12 +28,17 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from embedstore.errors import BadInput
+from embedstore.stain import REFERENCE
 
 LOG = logging.getLogger(__name__)
 
 __all__ = [
+    "STAIN_PRESETS",
     "SyntheticCohort",
     "SyntheticSection",
     "make_synthetic_cohort",
@@ -43,6 +54,18 @@ _IMMUNE_BG = np.array([226.0, 170.0, 212.0], dtype=np.float32)
 _NUCLEUS = np.array([78.0, 38.0, 128.0], dtype=np.float32)
 # Synthetic features that drive expression in make_synthetic_cohort, in this order.
 FEATURES = ("nuclear_density", "hematoxylin", "eosin", "tumour", "immune")
+
+# Named stain matrices (3 x 2 optical-density vectors, rows R, G, B; columns hematoxylin, eosin).
+STAIN_PRESETS: dict[str, np.ndarray] = {
+    "reference": np.array(REFERENCE.matrix),  # Macenko's reference stain, the target of stain_norm="macenko"
+    # made-up lab variations of it: bluer hematoxylin and paler eosin; purple hematoxylin and redder eosin
+    "blue": np.array([[0.70, 0.22], [0.62, 0.72], [0.36, 0.52]]),
+    "pink": np.array([[0.45, 0.22], [0.80, 1.05], [0.40, 0.45]]),
+}
+# Stain concentrations (hematoxylin, eosin) of the Beer–Lambert rendering: background of stroma,
+# tumour and immune regions (scaled by the slow stain field), and a nucleus (scaled as its colour is).
+_CONC_BG = np.array([[0.05, 0.87], [0.25, 0.80], [0.15, 0.65]], dtype=np.float32)
+_CONC_NUCLEUS = np.array([1.30, 0.44], dtype=np.float32)
 
 
 def _splitmix(v: np.ndarray) -> np.ndarray:
@@ -128,7 +151,43 @@ class _Texture:
         return 1.0 + 0.5 * self._field(self.stain_terms, xs, ys)
 
 
-def _render_region(tex: _Texture, x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+@dataclass(frozen=True, eq=False)
+class _Look:
+    """How a slide's tissue is stained and scanned: Beer–Lambert stain vectors, and optical blur."""
+
+    stain: np.ndarray | None  # (3, 2) OD vectors (H, E); their lengths scale the staining intensity
+    blur: float  # Gaussian sigma in level-0 pixels
+
+
+def _stain_matrix(value: str | np.ndarray | Sequence[Sequence[float]] | None) -> np.ndarray | None:
+    """A stain matrix from a preset name or a (3, 2) array of non-negative OD vectors (columns H, E)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in STAIN_PRESETS:
+            msg = f"stain_matrix={value!r}: not a preset; use one of {', '.join(STAIN_PRESETS)} or a 3 x 2 array"
+            raise BadInput(msg)
+        return np.array(STAIN_PRESETS[value], dtype=np.float64)
+    m = np.array(value, dtype=np.float64)
+    if m.shape != (3, 2) or not np.isfinite(m).all() or (m < 0).any() or (np.linalg.norm(m, axis=0) == 0).any():
+        msg = f"stain_matrix of shape {m.shape}: give 3 x 2 non-negative OD vectors (rows R, G, B; columns H, E)"
+        raise BadInput(msg)
+    return m
+
+
+def _look(stain_matrix: str | np.ndarray | None, blur_sigma_px: float) -> _Look | None:
+    """The look of a slide, or None for the default rendering (the same bytes as without the options)."""
+    blur = float(blur_sigma_px)
+    if not (math.isfinite(blur) and blur >= 0):
+        msg = f"blur_sigma_px={blur_sigma_px}: give a Gaussian sigma >= 0 in pixels"
+        raise BadInput(msg)
+    stain = _stain_matrix(stain_matrix)
+    return None if stain is None and blur == 0 else _Look(stain, blur)
+
+
+def _render_region(
+    tex: _Texture, x0: int, y0: int, w: int, h: int, look: _Look | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render the level-0 region ``[x0, x0+w) × [y0, y0+h)`` of a synthetic slide.
 
     Parameters
@@ -137,6 +196,8 @@ def _render_region(tex: _Texture, x0: int, y0: int, w: int, h: int) -> tuple[np.
         Texture parameters (``_Texture.make``).
     x0, y0, w, h
         Region in level-0 pixels.
+    look
+        Stain vectors and blur (:func:`_look`); None: the default colours, sharp.
 
     Returns
     -------
@@ -144,22 +205,45 @@ def _render_region(tex: _Texture, x0: int, y0: int, w: int, h: int) -> tuple[np.
         ``(h, w, 3)`` uint8.
     aux
         ``tissue``, ``nuclei`` (bool), ``region`` (int8: 0 stroma, 1 tumour, 2 immune),
-        ``stain`` (float32) maps of the region.
+        ``stain`` (float32) maps of the region (of the tissue: the same whatever the look).
     """
-    xs = np.arange(x0, x0 + w, dtype=np.float64) + 0.5
-    ys = np.arange(y0, y0 + h, dtype=np.float64) + 0.5
     rng = np.random.default_rng((tex.seed, x0, y0))
     noise = rng.integers(-4, 5, size=(h, w, 1), dtype=np.int16).astype(np.float32)
+    if look is not None and look.blur > 0:
+        # the scanner's point-spread function acts on the light, before the sensor's noise; the
+        # margin is rendered too (the texture is a pure function of coordinates), so tiles agree at borders
+        from scipy import ndimage
+
+        m = math.ceil(4 * look.blur)
+        light, aux = _light(tex, x0 - m, y0 - m, w + 2 * m, h + 2 * m, look.stain)
+        light = ndimage.gaussian_filter(light, sigma=(look.blur, look.blur, 0), mode="nearest")[m : m + h, m : m + w]
+        aux = {k: v[m : m + h, m : m + w] for k, v in aux.items()}
+    else:
+        light, aux = _light(tex, x0, y0, w, h, None if look is None else look.stain)
+    return np.clip(light + noise, 0, 255).astype(np.uint8), aux
+
+
+def _light(
+    tex: _Texture, x0: int, y0: int, w: int, h: int, stain_matrix: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The noise-free float32 RGB of a region (broadcastable to ``(h, w, 3)``) and its aux maps."""
+    xs = np.arange(x0, x0 + w, dtype=np.float64) + 0.5
+    ys = np.arange(y0, y0 + h, dtype=np.float64) + 0.5
     if tex.blank:
-        rgb = np.clip(_BACKGROUND + noise, 0, 255).astype(np.uint8)
         zero = np.zeros((h, w), dtype=bool)
-        return rgb, {"tissue": zero, "nuclei": zero, "region": zero.astype(np.int8), "stain": zero.astype(np.float32)}
+        light = np.broadcast_to(_BACKGROUND, (h, w, 3))
+        return light, {"tissue": zero, "nuclei": zero, "region": zero.astype(np.int8), "stain": zero.astype(np.float32)}
 
     tissue = tex.tissue(xs, ys)
     if not tissue.any():  # most tiles of a big slide are glass: skip the texture
-        rgb = np.clip(_BACKGROUND + noise, 0, 255).astype(np.uint8)
         zero = np.zeros((h, w), dtype=bool)
-        return rgb, {"tissue": zero, "nuclei": zero, "region": np.full((h, w), -1, np.int8), "stain": tex.stain(xs, ys)}
+        light = np.broadcast_to(_BACKGROUND, (h, w, 3))
+        return light, {
+            "tissue": zero,
+            "nuclei": zero,
+            "region": np.full((h, w), -1, np.int8),
+            "stain": tex.stain(xs, ys),
+        }
     rfield = tex.region(xs, ys)
     region = np.where(rfield > 0.35, 1, np.where(rfield < -0.45, 2, 0)).astype(np.int8)
     stain = tex.stain(xs, ys)
@@ -194,17 +278,24 @@ def _render_region(tex: _Texture, x0: int, y0: int, w: int, h: int) -> tuple[np.
     rr = r2[li][:, lj]
     nuclei = (d2 < rr) & tissue
 
-    base = np.stack([_STROMA, _TUMOUR_BG, _IMMUNE_BG])[region]
-    # eosin varies with the stain field: lighter/darker pink
-    base = 255.0 - (255.0 - base) * stain[..., None]
     # nucleus darker at its centre (chromatin), hematoxylin darker in tumour
     t = np.where(nuclei, d2 / np.maximum(rr, 1e-6), 1.0)
     hdark = np.where(region == 1, 1.1, 1.0).astype(np.float32) * stain
-    nuc = 255.0 - (255.0 - _NUCLEUS) * (hdark * (1.15 - 0.3 * t))[..., None]
-    rgb = np.where(nuclei[..., None], nuc, base)
-    rgb = np.where(tissue[..., None], rgb, _BACKGROUND)
-    rgb = np.clip(rgb + noise, 0, 255).astype(np.uint8)
-    return rgb, {
+    if stain_matrix is None:
+        base = np.stack([_STROMA, _TUMOUR_BG, _IMMUNE_BG])[region]
+        # eosin varies with the stain field: lighter/darker pink
+        base = 255.0 - (255.0 - base) * stain[..., None]
+        nuc = 255.0 - (255.0 - _NUCLEUS) * (hdark * (1.15 - 0.3 * t))[..., None]
+        light = np.where(nuclei[..., None], nuc, base)
+    else:  # Beer–Lambert: the same tissue as stain concentrations, absorbed along the given OD vectors
+        conc = np.where(
+            nuclei[..., None],
+            _CONC_NUCLEUS * (hdark * (1.15 - 0.3 * t))[..., None],
+            _CONC_BG[region] * stain[..., None],
+        )
+        light = _BACKGROUND * np.exp(-(conc @ stain_matrix.T.astype(np.float32)))
+    light = np.where(tissue[..., None], light, _BACKGROUND)
+    return light, {
         "tissue": tissue,
         "nuclei": nuclei,
         "region": np.where(tissue, region, -1).astype(np.int8),
@@ -245,6 +336,8 @@ def write_synthetic_slide(
     tile_size: int = 256,
     min_level_size: int = 512,
     compression_level: int = 1,
+    stain_matrix: str | np.ndarray | None = None,
+    blur_sigma_px: float = 0.0,
 ) -> Path:
     """Write a synthetic H&E-like pyramidal TIFF (page pyramid, tiled, zlib).
 
@@ -271,6 +364,13 @@ def write_synthetic_slide(
         Add reduced levels until the largest side is at most this.
     compression_level
         zlib level (1 is fast and still compresses the background well).
+    stain_matrix
+        Render the tissue by Beer–Lambert with these stain vectors: a preset name
+        (:data:`STAIN_PRESETS`: ``"reference"``, ``"blue"``, ``"pink"``) or a ``(3, 2)`` array of
+        non-negative optical-density vectors (rows R, G, B; columns hematoxylin, eosin; a longer
+        vector stains more intensely). ``None``: the default colours.
+    blur_sigma_px
+        Scanner blur: sigma in level-0 pixels of a Gaussian point-spread function (0: sharp).
 
     Returns
     -------
@@ -280,6 +380,7 @@ def write_synthetic_slide(
 
     path = Path(path)
     tex = _texture(width, height, mpp, seed, blank)
+    look = _look(stain_matrix, blur_sigma_px)
     shapes = _level_shapes(width, height, min_level_size)
     big = width * height * 3 // 4 > 64 * 2**20
     with tempfile.TemporaryDirectory(prefix="embedstore-synth-") as tmp:
@@ -293,7 +394,7 @@ def write_synthetic_slide(
         def level0() -> Iterator[np.ndarray]:
             for ty in range(0, height, tile_size):
                 for tx in range(0, width, tile_size):
-                    rgb, _ = _render_region(tex, tx, ty, min(tile_size, width - tx), min(tile_size, height - ty))
+                    rgb, _ = _render_region(tex, tx, ty, min(tile_size, width - tx), min(tile_size, height - ty), look)
                     if len(shapes) > 1:
                         red = _reduce2(rgb)
                         buffers[1][ty // 2 : ty // 2 + red.shape[0], tx // 2 : tx // 2 + red.shape[1]] = red
@@ -332,11 +433,20 @@ def write_synthetic_slide(
 
 
 def write_synthetic_image(
-    path: str | Path, width: int = 1024, height: int = 1024, seed: int = 0, *, blank: bool = False, mpp: float = 0.5
+    path: str | Path,
+    width: int = 1024,
+    height: int = 1024,
+    seed: int = 0,
+    *,
+    blank: bool = False,
+    mpp: float = 0.5,
+    stain_matrix: str | np.ndarray | None = None,
+    blur_sigma_px: float = 0.0,
 ) -> Path:
     """Write the synthetic texture as a plain (one-level) PNG, JPEG or TIFF, chosen by suffix.
 
     No µm/px is stored (PNG/JPEG dpi are not a physical scale); ``mpp`` only sets the texture scale.
+    ``stain_matrix`` and ``blur_sigma_px`` as in :func:`write_synthetic_slide`.
 
     Returns
     -------
@@ -345,7 +455,8 @@ def write_synthetic_image(
     from PIL import Image
 
     path = Path(path)
-    rgb, _ = _render_region(_texture(width, height, mpp, seed, blank), 0, 0, width, height)
+    look = _look(stain_matrix, blur_sigma_px)
+    rgb, _ = _render_region(_texture(width, height, mpp, seed, blank), 0, 0, width, height, look)
     Image.fromarray(rgb).save(path, **({"quality": 92} if path.suffix.lower() in {".jpg", ".jpeg"} else {}))
     return path
 
@@ -366,6 +477,8 @@ class SyntheticSection:
     centers_xy: np.ndarray  # (n, 2) float level-0 pixel centres (x = column, y = row)
     features: np.ndarray  # (n, len(FEATURES)) the image features that drove the expression
     counts: np.ndarray  # (n, n_genes) int
+    stain_matrix: np.ndarray | None = None  # (3, 2) stain vectors the slide was rendered with; None: default colours
+    blur_sigma_px: float = 0.0  # scanner blur of the slide
 
 
 @dataclass
@@ -402,6 +515,9 @@ def make_synthetic_cohort(
     height: int = 4000,
     mpp: float | Sequence[float] = 0.5,
     n_patients: int | None = None,
+    stain_matrix: str | np.ndarray | Sequence[str | np.ndarray] | None = None,
+    stain_shift: float = 0.0,
+    blur_sigma_px: float | Sequence[float] = 0.0,
 ) -> SyntheticCohort:
     """Write a synthetic legacy-ST cohort in the her2st layout.
 
@@ -415,6 +531,10 @@ def make_synthetic_cohort(
     spots under tissue are kept. Expression is Poisson with a log-rate linear in the image features
     of the spot (:data:`FEATURES`: nuclear density, hematoxylin and eosin intensity, tumour and
     immune region fractions) plus gene and spot noise, so image embeddings can predict it.
+
+    Patients can differ in stain and scanner (``stain_matrix``, ``stain_shift``, ``blur_sigma_px``):
+    the tissue, its features and the expression stay those of the default rendering, so only the
+    look of the slides changes and a stain-robust method can win.
 
     Parameters
     ----------
@@ -434,6 +554,16 @@ def make_synthetic_cohort(
         µm/px of every slide, or one per slide.
     n_patients
         Patients the sections are spread over (default: one patient per section).
+    stain_matrix
+        Stain vectors of every patient, or one per patient (see :func:`write_synthetic_slide`);
+        with ``stain_shift`` the base that each patient's stain is drawn around (default ``"reference"``).
+    stain_shift
+        Per-patient stain variation: each R, G, B component of each patient's H and E vectors is
+        scaled by a log-normal factor of this sigma (the hue shifts), and so is each stain's
+        intensity; drawn from ``seed`` and the patient, apart from the cohort's other draws.
+        0: no variation; 0.2-0.3 is a marked shift between labs.
+    blur_sigma_px
+        Scanner blur of every patient, or one per patient (level-0 pixels).
 
     Returns
     -------
@@ -445,6 +575,7 @@ def make_synthetic_cohort(
     rng = np.random.default_rng(seed)
     mpps = [float(mpp)] * n_slides if isinstance(mpp, int | float) else [float(m) for m in mpp]
     n_patients = n_slides if n_patients is None else n_patients
+    looks = _patient_looks(n_patients, seed, stain_matrix, stain_shift, blur_sigma_px)
     genes = [f"GENE{g:03d}" for g in range(n_genes)]
     # gene programme: each gene follows one main feature (or none: housekeeping-like noise)
     driver = np.arange(n_genes) % (len(FEATURES) + 1)
@@ -460,13 +591,22 @@ def make_synthetic_cohort(
     cohort = SyntheticCohort(root=root, genes=genes)
     for i in range(n_slides):
         patient = chr(ord("A") + i % n_patients)
+        look = looks[i % n_patients]
         section = f"{patient}{i // n_patients + 1}"
         m = mpps[i]
         img = root / "data" / "ST-imgs" / patient / section / f"synthetic_HE_{section}.tif"
         img.parent.mkdir(parents=True, exist_ok=True)
         slide_seed = seed * 1000 + i
-        write_synthetic_slide(img, width, height, mpp=m, seed=slide_seed)
-        tex = _texture(width, height, m, slide_seed, False)
+        write_synthetic_slide(
+            img,
+            width,
+            height,
+            mpp=m,
+            seed=slide_seed,
+            stain_matrix=None if look is None else look.stain,
+            blur_sigma_px=0.0 if look is None else look.blur,
+        )
+        tex = _texture(width, height, m, slide_seed, False)  # features: of the tissue, whatever its look
 
         pitch = 200.0 / m
         radius = 50.0 / m
@@ -522,10 +662,48 @@ def make_synthetic_cohort(
                 centers_xy=np.stack([np.round(px, 2), np.round(py, 2)], axis=1),
                 features=feats,
                 counts=counts,
+                stain_matrix=None if look is None or look.stain is None else look.stain.copy(),
+                blur_sigma_px=0.0 if look is None else look.blur,
             )
         )
     LOG.info("wrote synthetic cohort of %d sections to %s", n_slides, root)
     return cohort
+
+
+def _per_patient(value: Any, n_patients: int, name: str) -> list[Any]:
+    """One value per patient: ``value`` for all, or a sequence of ``n_patients``."""
+    try:
+        single = value is None or isinstance(value, str | int | float) or np.shape(value) == (3, 2)
+    except ValueError:  # a ragged list: one value per patient
+        single = False
+    values = [value] * n_patients if single else list(value)
+    if len(values) != n_patients:
+        msg = f"{name}: {len(values)} values for {n_patients} patients; give one, or one per patient"
+        raise BadInput(msg)
+    return values
+
+
+def _patient_looks(
+    n_patients: int, seed: int, stain_matrix: Any, stain_shift: float, blur_sigma_px: Any
+) -> list[_Look | None]:
+    """The stain and blur of each patient (None: the default rendering)."""
+    if not (math.isfinite(stain_shift) and stain_shift >= 0):
+        msg = f"stain_shift={stain_shift}: give a standard deviation >= 0"
+        raise BadInput(msg)
+    stains = _per_patient(stain_matrix, n_patients, "stain_matrix")
+    blurs = _per_patient(blur_sigma_px, n_patients, "blur_sigma_px")
+    looks = []
+    for p in range(n_patients):
+        base = _stain_matrix(stains[p])
+        if stain_shift > 0:
+            base = _stain_matrix("reference") if base is None else base
+            rng = np.random.default_rng((seed, 0x57A1, p))  # its own stream: the cohort's other draws are unchanged
+            # each OD component scaled by its own log-normal factor: hues shift, no component turns negative
+            direction = base / np.linalg.norm(base, axis=0) * np.exp(rng.normal(0, stain_shift, (3, 2)))
+            intensity = np.linalg.norm(base, axis=0) * np.exp(rng.normal(0, stain_shift, 2))
+            base = direction / np.linalg.norm(direction, axis=0) * intensity
+        looks.append(_look(base, blurs[p]))
+    return looks
 
 
 def seeded_embeddings(

@@ -172,11 +172,44 @@ def _check_predict(work: Path, out: str, err: str) -> None:
     assert list(work.glob("C2*.png"))
 
 
+def _check_predict_smooth(work: Path, out: str, err: str) -> None:
+    import anndata as ad
+    import numpy as np
+
+    a, plain = ad.read_h5ad(work / "C2-smooth.h5ad"), ad.read_h5ad(work / "C2.h5ad")
+    chosen = a.uns["embedstore"]["smoothing"]
+    assert chosen["radius_um"] == 250.0
+    assert 0.0 <= chosen["alpha"] <= 1.0  # chosen on the index's reference slides, C2 left out of nothing here
+    assert list(a.obs_names) == list(plain.obs_names)
+    assert (np.allclose(a.X, plain.X)) == (chosen["alpha"] == 0.0)
+
+
+def _check_context(work: Path, out: str, err: str) -> None:
+    n = {
+        view: _sql_rows(work, f"SELECT count(*) AS n FROM {view}")[0]["n"]
+        for view in ("embeddings_builtin", "embeddings_builtin_ctx250_600")
+    }
+    assert n["embeddings_builtin_ctx250_600"] == n["embeddings_builtin"] > 800
+    dims = _sql_rows(work, "SELECT encoder, dim FROM encoders WHERE encoder LIKE 'builtin%' ORDER BY encoder")
+    assert [d["dim"] for d in dims] == [128, 3 * 128]
+
+
+def _check_embed_stained(work: Path, out: str, err: str) -> None:
+    import embedstore as es
+
+    st = es.open_store(work / "stained")
+    assert st.slide_source("builtin", "slides", "S0")["stain_norm"] == "macenko"
+    plain = es.open_store(work / "store").encoder_metadata("builtin", cohort="slides")["fingerprint"]
+    assert st.encoder_metadata("builtin")["fingerprint"] != plain  # normalised tiles are another input
+
+
 def _check_evaluate(work: Path, out: str, err: str) -> None:
     import json
 
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert metrics["split"]["mode"] == "reference-query"
+    assert set(metrics["gains"]) == {"context", "smooth", "stain"}  # run by default, each a paired gain
+    assert "gain of +context for learned" in out
     assert "learned" in out
     assert (work / "eval" / "report.html").stat().st_size > 10_000
 
@@ -192,7 +225,13 @@ CHECKS: list[tuple[str, Callable[[Path, str, str], None]]] = [
     ("embedstore index tiles --store store --encoder builtin", _check_index_tiles),
     ("embedstore search --store store --encoder builtin --slide C2", _check_search),
     ("embedstore index build her2st-builtin", _check_index_build),
+    (
+        "embedstore predict --index her2st.index --store store --slide C2 --exclude-own slide --smooth",
+        _check_predict_smooth,
+    ),
     ("embedstore predict", _check_predict),
+    ("embedstore context store", _check_context),
+    ("embedstore embed slides/ --store stained", _check_embed_stained),
     ("embedstore evaluate --reference ref/ --query heldout/", _check_evaluate),
 ]
 # A foundation model whose weights cannot be here: the line must give the documented one-line
