@@ -43,4 +43,8 @@ def demo(out: str | Path = "demo-out", data: str | Path | None = None, seed: int
                 )
         data = cohort_dir
     # The synthetic cohort has ~80 spots per slide: fewer neighbours and genes than a real cohort.
-    return evaluate(data, out, seed=seed, k=20 if synthetic else 50, n_genes=60 if synthetic else 250)
+    # Stain normalisation is left to `embedstore evaluate`: it embeds every slide a second time.
+    return evaluate(
+        data, out, seed=seed, k=20 if synthetic else 50, n_genes=60 if synthetic else 250,
+        additions=("context", "smooth"),
+    )  # fmt: skip

@@ -61,7 +61,7 @@ ADDITION_NOTES = {
 # The methods run again with context or stain (the aligned index serves bleep, softmax, idw and learned).
 VARIANT_METHODS = ("ridge", "knn-raw", "bleep", "softmax", "idw", "learned")
 SMOOTHED = ("knn-raw", "bleep", "softmax", "idw", "learned", "loki", "loki-tuned")  # index methods
-STAIN_STORE = "store-stain"  # OUT/store-stain: the cohorts embedded from stain-normalised tiles
+STAIN_STORE = "store-stain"  # OUT/store-stain (beside --store): the cohorts embedded from stain-normalised tiles
 METHOD_NOTES = {
     "ridge": "HEST-Benchmark probe: standard scaling, PCA(256), ridge alpha = 100 / (features x genes)",
     "knn-raw": "kNN on raw (L2-normalised) embeddings, mean of top k; no aligner",
@@ -169,8 +169,8 @@ def evaluate(
         it (``metrics['gains']``): ``"context"`` (:func:`embedstore.context.embed_context`
         features: ridge, knn-raw and the aligned methods again on them), ``"smooth"`` (every
         index method's predictions smoothed, strength chosen on the training slides) and
-        ``"stain"`` (the cohorts embedded again from Macenko-normalised tiles into
-        ``OUT/store-stain``). All three by default; ``()`` for none.
+        ``"stain"`` (the cohorts embedded again from Macenko-normalised tiles into a store beside
+        ``store``: ``OUT/store-stain`` by default). All three by default; ``()`` for none.
     workers, batch_size
         Embedding settings.
     """
@@ -229,7 +229,9 @@ def evaluate(
     if "context" in settings.additions:
         variants.append(_context_variant(store, enc_name, cohorts))
     if "stain" in settings.additions:
-        variants.append(_stain_variant(out / STAIN_STORE, enc_name, cohorts, weights, workers, batch_size))
+        # beside the store (OUT/store-stain by default), so that reruns reuse it as they reuse the store
+        stain_store = store.with_name(store.name + "-stain")
+        variants.append(_stain_variant(stain_store, enc_name, cohorts, weights, workers, batch_size))
 
     from embedstore.build import load_reference
     from embedstore.store import open_store
@@ -289,7 +291,7 @@ def prepare_out(out: Path) -> None:
     The marker is written before anything else, so a run killed before publishing leaves a
     folder that the rerun recognises as its own.
     """
-    check_replaceable(out, EVAL_KIND, what="evaluation folder", folder=True, stores_inside=("store",))
+    check_replaceable(out, EVAL_KIND, what="evaluation folder", folder=True, stores_inside=("store", STAIN_STORE))
     if _read_marker(out) is None:
         out.mkdir(parents=True, exist_ok=True)
         _write_marker(out, {"run": None, "files": []})

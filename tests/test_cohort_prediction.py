@@ -5,11 +5,11 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+from cli_helpers import assert_one_line_error, run
 
 import embedstore as es
 from embedstore.cohort_prediction import predict_cohort, slide_file
 from embedstore.errors import BadInput
-from tests.cli_helpers import assert_one_line_error, run
 
 
 def assert_same_as_predict(out, index, store, slides):

@@ -129,6 +129,7 @@ def test_evaluate_on_a_full_disk(small_disk, cohort, tmp_path):
     store = tmp_path / "store"
     small_disk.leave_free(200_000)  # the predictions fit, the report's figures do not
     args = ("evaluate", "--reference", cohort.root, "--out", out, "--store", store, "--k", 5, "--n-genes", 20)
+    args += ("--additions", "none")  # the additions have their own tests
     assert_disk_full(run(*args), out)
     assert not temp_files(small_disk.root)
     assert sorted(p.name for p in out.iterdir()) == ["evaluation.json"]  # no half run published

@@ -45,8 +45,9 @@ def evaluated(tmp_path_factory):
     )
     ref, qry = _split_cohort(cohort.root, {"B"}, base)
     result = evaluate(
-        ref, base / "out", query=qry, k=10, n_genes=30, aligner={"max_epochs": 30, "proj_dim": 64}, workers=0
-    )
+        ref, base / "out", query=qry, k=10, n_genes=30, aligner={"max_epochs": 30, "proj_dim": 64}, workers=0,
+        additions=(),  # tests/test_spatial_predict.py and the README's evaluate line run them
+    )  # fmt: skip
     return result, qry
 
 
@@ -142,7 +143,9 @@ def test_cross_validation_holds_out_each_patient(tmp_path, capsys):
     cohort = make_synthetic_cohort(
         tmp_path / "cv", n_slides=3, n_patients=3, n_genes=30, seed=2, width=2000, height=2000
     )
-    result = evaluate(cohort.root, tmp_path / "out", methods=("ridge", "knn-raw"), k=5, n_genes=20, workers=0)
+    result = evaluate(
+        cohort.root, tmp_path / "out", methods=("ridge", "knn-raw"), k=5, n_genes=20, workers=0, additions=()
+    )
     assert result.metrics["split"] == {"mode": "cross-validation", "unit": "patient", "folds": ["A", "B", "C"]}
     for fold in "ABC":
         fold_pred = ad.read_h5ad(tmp_path / "out" / f"fold-{fold}" / "predictions_ridge.h5ad")

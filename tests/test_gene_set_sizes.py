@@ -42,7 +42,9 @@ def cross_validated(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(_report_plots, "figure_bytes", recording_figure_bytes)
     try:
-        result = evaluate(cohort.root, base / "out", methods=("ridge", "knn-raw"), k=5, n_genes=20, workers=0)
+        result = evaluate(
+            cohort.root, base / "out", methods=("ridge", "knn-raw"), k=5, n_genes=20, workers=0, additions=()
+        )
     finally:
         mp.undo()
     return result, texts

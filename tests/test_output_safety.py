@@ -121,7 +121,7 @@ def test_api_outputs_refuse(kind, targets, store, recipe, index, cohort):
     calls = {
         "build_index": lambda: es.build_index(recipe, store, out),
         "predict": lambda: es.predict(idx, store, out=out),
-        "evaluate": lambda: es.evaluate(cohort.root, out, k=5, n_genes=20, workers=0),
+        "evaluate": lambda: es.evaluate(cohort.root, out, k=5, n_genes=20, workers=0, additions=()),
         "train_aligner": lambda: es.train_aligner(store, "builtin", out, max_epochs=1),
         "save_aligner": lambda: save_aligner(idx.aligner, out),
         "save_index": lambda: save_index(idx, out, overwrite=True),
@@ -210,7 +210,7 @@ def test_evaluate_rerun_replaces_the_whole_run(tmp_path, cohort, monkeypatch):
 
     out = tmp_path / "eval"
     kw = {"n_genes": 20, "k": 5, "workers": 0}
-    es.evaluate(cohort.root, out, methods=("ridge", "knn-raw"), **kw)
+    es.evaluate(cohort.root, out, methods=("ridge", "knn-raw"), additions=(), **kw)
     first = json.loads((out / "evaluation.json").read_text())["run"]
     assert _stamps(out) == {first}
     assert list(out.glob("fold-*/predictions_knn-raw.h5ad"))
@@ -227,14 +227,14 @@ def test_evaluate_rerun_replaces_the_whole_run(tmp_path, cohort, monkeypatch):
 
     monkeypatch.setattr(evaluation, "swap_in", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
-        es.evaluate(cohort.root, out, methods=("ridge",), **kw)
+        es.evaluate(cohort.root, out, methods=("ridge",), additions=(), **kw)
     marker = json.loads((out / "evaluation.json").read_text())
     assert marker["run"] == first
     assert marker["incoming_run"] != first
     assert _stamps(out) <= {first, marker["incoming_run"]}
     monkeypatch.undo()
 
-    result = es.evaluate(cohort.root, out, methods=("ridge",), **kw)
+    result = es.evaluate(cohort.root, out, methods=("ridge",), additions=(), **kw)
     final = json.loads((out / "evaluation.json").read_text())
     assert _stamps(out) == {final["run"]} == {result.metrics["run"]}
     assert not list(out.glob("fold-*/predictions_knn-raw.h5ad"))
@@ -248,7 +248,7 @@ def test_evaluate_keeps_a_users_file_under_a_result_name(tmp_path, cohort):
     (out / "evaluation.json").write_text(json.dumps({"embedstore.kind": "evaluation", "run": None, "files": []}))
     (out / "report.html").write_text("my own report")
     with pytest.raises(BadInput, match=r"report\.html"):
-        es.evaluate(cohort.root, out, methods=("ridge",), n_genes=20, k=5, workers=0)
+        es.evaluate(cohort.root, out, methods=("ridge",), n_genes=20, k=5, workers=0, additions=())
     assert (out / "report.html").read_text() == "my own report"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert any((out / "store").iterdir())  # the embeddings are kept for the rerun

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import CLI, assert_one_line_error, run
 
 import embedstore as es
 from embedstore.errors import BadInput, MissingDependency
 from embedstore.testing import write_synthetic_slide
-from tests.cli_helpers import CLI, assert_one_line_error, run
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'embedstore[ray]'")
 if os.environ.get("CI") == "true":
@@ -32,8 +32,7 @@ if os.environ.get("CI") == "true":
 def test_readme_ray_block(index, tmp_path):
     """The README's cohort-scale block runs as written (Ray started on this machine by each command)."""
     import anndata as ad
-
-    from tests.test_readme import _sh, command_lines, fenced
+    from test_readme import _sh, command_lines, fenced
 
     (block,) = [b for b in fenced("bash") if "--engine ray" in b]
     work = tmp_path / "work"

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import assert_one_line_error, run
 from test_tile_index import brute_force, hits_of, tree_digest, vectors, write
 
 import embedstore.store._tile_search as search
@@ -21,7 +22,6 @@ import embedstore.tile_index as ti
 from embedstore._vectors import l2_normalize
 from embedstore.errors import BadInput, DamagedFile, MissingDependency
 from embedstore.store import open_store
-from tests.cli_helpers import assert_one_line_error, run
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs pip install 'embedstore[ray]'")
 if os.environ.get("CI") == "true":

@@ -120,7 +120,7 @@ def _check_embed_second_encoder(work: Path, out: str, err: str) -> None:
 
 
 def _check_embed_slides(work: Path, out: str, err: str) -> None:
-    rows = _sql_rows(work, "SELECT slide_id, n_tiles FROM slides WHERE cohort = 'slides'")
+    rows = _sql_rows(work, "SELECT slide_id, n_tiles FROM slides WHERE cohort = 'slides' AND encoder = 'builtin'")
     assert sorted(r["slide_id"] for r in rows) == ["S0", "S1"]
     assert all(r["n_tiles"] > 0 for r in rows)
 
