@@ -84,13 +84,8 @@ class AlignerConfig:
 
 # Ranges of the settings, checked wherever they are read (recipes, evaluate, config.json files).
 # image_dim and n_genes of 0 are filled from the data when training starts.
-FIELD_RULES = {
-    "image_dim": Int(min=0),
-    "n_genes": Int(min=0),
-    "proj_dim": Int(min=1),
-    "expr_hidden": Int(min=0),
-    "dropout": Float(ge=0, lt=1),
-    "temperature": Float(gt=0),
+# The training settings and provenance every contrastive head shares (this aligner and the text aligner).
+TRAINING_FIELD_RULES = {
     "lr": Float(gt=0),
     "weight_decay": Float(ge=0),
     "batch_size": Int(min=2),
@@ -100,6 +95,15 @@ FIELD_RULES = {
     "threads": Int(min=0),
     "encoder_name": Text(),
     "encoder_fingerprint": Text(),
+}
+FIELD_RULES = {
+    "image_dim": Int(min=0),
+    "n_genes": Int(min=0),
+    "proj_dim": Int(min=1),
+    "expr_hidden": Int(min=0),
+    "dropout": Float(ge=0, lt=1),
+    "temperature": Float(gt=0),
+    **TRAINING_FIELD_RULES,
     "panel_method": Text(),
 }
 

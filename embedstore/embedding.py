@@ -472,8 +472,7 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
     repaired: list[str] = []
     left: list[str] = []
     todo: dict[tuple, list[str]] = {}  # embed settings -> slide ids to embed with them
-    texts: dict[tuple, list[str]] = {}  # embed-text settings -> slide ids
-    contexts: dict[tuple, list[str]] = {}  # embed-context settings -> slide ids
+    derived: dict[tuple, list[str]] = {}  # (kind, settings...) of a table derived from the store -> slide ids
     for p in before.problems:
         lock = (p.encoder, p.cohort, p.slide_id) if p.encoder else None
         with st.lock_slide(*lock, blocking=False) if lock else _no_lock() as acquired:
@@ -499,13 +498,12 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
             continue
         src = sources[0]
         if src.get("kind") == "text":  # gene-sentence embeddings: encoded again from the store's own expression
-            texts.setdefault((src["cohort"], src["encoder"], src.get("weights"), src.get("top_n")), []).append(
-                src["slide_id"]
-            )
+            key = ("text", src["cohort"], src["encoder"], src.get("weights"), src.get("top_n"))
+            derived.setdefault(key, []).append(src["slide_id"])
             continue
         if src.get("kind") == "context":  # tissue context: computed again from the store's own embeddings
-            key = (src["cohort"], src["encoder"], tuple(src["radii_um"]), src.get("slide_mpp"))
-            contexts.setdefault(key, []).append(src["slide_id"])
+            key = ("context", src["cohort"], src["encoder"], tuple(src["radii_um"]), src.get("slide_mpp"))
+            derived.setdefault(key, []).append(src["slide_id"])
             continue
         if not Path(src["data"]).exists():
             left.append(
@@ -532,58 +530,40 @@ def check_store(store: str | Path, repair: bool = False, *, device: str = "auto"
                 repaired.append(
                     f"slide {r.slide_id} of cohort {cohort}: re-embedded from {data} ({r.reason or f'{r.n_tiles} tiles'})"
                 )
-    left += _repair_text(st, texts, repaired, device)
-    left += _repair_context(st, contexts, repaired)
+    left += _repair_derived(st, derived, repaired, device)
     after = verify_store(st)
     remaining = [p.line() for p in after.problems] + left
     return CheckReport(st.root, before.n_files, found, repaired, remaining, after.notes)
 
 
-def _repair_text(st: Any, todo: dict[tuple, list[str]], repaired: list[str], device: str) -> list[str]:
-    """Encode the gene sentences of damaged text slides again (``embedstore embed-text``); what could not be."""
+def _repair_derived(st: Any, todo: dict[tuple, list[str]], repaired: list[str], device: str) -> list[str]:
+    """Make damaged slides of derived tables again from the store itself: gene-sentence embeddings
+    (``embedstore embed-text``) and tissue context (``embedstore context``). Returns what could not be."""
+    from embedstore.context import embed_context
     from embedstore.text_embedding import embed_text
 
     left = []
-    for (cohort, encoder, weights, top_n), slide_ids in todo.items():
+    for (kind, cohort, encoder, *settings), slide_ids in todo.items():
+        chosen = sorted(set(slide_ids))
+        if kind == "text":
+            weights, top_n = settings
+            what, make = (
+                "gene sentences",
+                functools.partial(embed_text, weights=weights, top_n=top_n or 50, device=device),
+            )
+        else:
+            radii, mpp = settings
+            what, make = "context", functools.partial(embed_context, radii_um=radii, mpp=mpp)
         try:
-            report = embed_text(
-                st.root, encoder, cohort=cohort, slide_ids=sorted(set(slide_ids)), weights=weights,
-                top_n=top_n or 50, device=device, progress=False,
-            )  # fmt: skip
+            report = make(st.root, encoder, cohort=cohort, slide_ids=chosen, progress=False)
         except EmbedstoreError as e:
-            left.append(f"{st.root}: re-embedding the gene sentences of {', '.join(slide_ids)} failed: {e}")
+            left.append(f"{st.root}: making the {what} of {', '.join(chosen)} again failed: {e}")
             continue
         for r in report.results:
             if r.status == "failed":
-                left.append(
-                    f"slide {r.slide_id} of cohort {cohort}: gene sentences could not be re-embedded: {r.reason}"
-                )
+                left.append(f"slide {r.slide_id} of cohort {cohort}: {what} could not be made again: {r.reason}")
             elif r.status == "done":
-                repaired.append(
-                    f"slide {r.slide_id} of cohort {cohort}: gene sentences re-embedded ({encoder} text tower)"
-                )
-    return left
-
-
-def _repair_context(st: Any, todo: dict[tuple, list[str]], repaired: list[str]) -> list[str]:
-    """Compute the tissue context of damaged context slides again (``embedstore context``); what could not be."""
-    from embedstore.context import embed_context
-
-    left = []
-    for (cohort, encoder, radii, mpp), slide_ids in todo.items():
-        try:
-            report = embed_context(
-                st.root, encoder, cohort=cohort, slide_ids=sorted(set(slide_ids)), radii_um=radii, mpp=mpp,
-                progress=False,
-            )  # fmt: skip
-        except EmbedstoreError as e:
-            left.append(f"{st.root}: recomputing the context of {', '.join(slide_ids)} failed: {e}")
-            continue
-        for r in report.results:
-            if r.status == "failed":
-                left.append(f"slide {r.slide_id} of cohort {cohort}: context could not be recomputed: {r.reason}")
-            elif r.status == "done":
-                repaired.append(f"slide {r.slide_id} of cohort {cohort}: context recomputed ({report.table})")
+                repaired.append(f"slide {r.slide_id} of cohort {cohort}: {what} made again ({report.table})")
     return left
 
 

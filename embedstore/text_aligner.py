@@ -51,7 +51,7 @@ from embedstore._optional import import_optional
 from embedstore._params import Float, Int, Text, check_fields
 from embedstore._progress import step
 from embedstore._schema import parse_geometry
-from embedstore.aligner import _check_2d, _project_rows, _resolve, _split
+from embedstore.aligner import TRAINING_FIELD_RULES, _check_2d, _project_rows, _resolve, _split
 from embedstore.errors import BadInput
 
 LOG = logging.getLogger(__name__)
@@ -126,15 +126,7 @@ FIELD_RULES = {
     "text_dim": Int(min=0),
     "rank": Int(min=0),
     "temperature": Float(ge=0.01, le=1),
-    "lr": Float(gt=0),
-    "weight_decay": Float(ge=0),
-    "batch_size": Int(min=2),
-    "max_epochs": Int(min=1),
-    "patience": Int(min=1),
-    "val_fraction": Float(ge=0, lt=1),
-    "threads": Int(min=0),
-    "encoder_name": Text(),
-    "encoder_fingerprint": Text(),
+    **TRAINING_FIELD_RULES,
     "text_fingerprint": Text(),
 }
 

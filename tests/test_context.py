@@ -302,7 +302,7 @@ def test_check_repair_recomputes_a_damaged_context_slide(store, tmp_path):
     assert not check_store(root).ok
     report = check_store(root, repair=True)
     assert report.ok, report.remaining
-    assert any("context recomputed" in line for line in report.repaired)
+    assert any("context made again" in line for line in report.repaired)
     after = open_store(root).read_embeddings(TABLE)
     assert after[0].equals(before[0])
     np.testing.assert_array_equal(after[1], before[1])

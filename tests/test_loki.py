@@ -191,7 +191,7 @@ def test_check_repair_embeds_a_damaged_text_slide_again(clip_store):
     assert es.check_store(clip_store).remaining  # found
     report = es.check_store(clip_store, repair=True, device="cpu")
     assert not report.remaining, report.remaining
-    assert any("gene sentences re-embedded" in line for line in report.repaired)
+    assert any("gene sentences made again" in line for line in report.repaired)
     after = st.read_embeddings(f"{ENCODER}-text", columns=["slide_id", "spot_id"])
     assert after[0].equals(before[0])
     np.testing.assert_array_equal(after[1], before[1])
