@@ -159,6 +159,11 @@ def _top_genes(metrics: Mapping[str, Any], gene_set: str) -> tuple[str | None, l
     return best, [g for _, g in reversed(ranked[-N_MAP_GENES:])]
 
 
+def _mapped(predictions: Mapping[str, AnnData], best: str | None) -> dict[str, AnnData]:
+    """The methods drawn on the maps: every method without an addition (``m+context``...), and the best one."""
+    return {m: p for m, p in predictions.items() if "+" not in m or m == best}
+
+
 def _slide_maps(
     genes: list[str],
     predictions: Mapping[str, AnnData],
@@ -337,7 +342,7 @@ def write_report(
         "best_method": best,
         "map_gene_set": labels.get(gene_set, ""),
         "map_genes": genes,
-        "maps": _slide_maps(genes, predictions, truth, thumbnails, max_map_slides) if genes else [],
+        "maps": _slide_maps(genes, _mapped(predictions, best), truth, thumbnails, max_map_slides) if genes else [],
         "per_slide": [{"gene_set": gs, "rows": _per_slide_rows(metrics, gs)} for gs in sets] if methods else [],
         "definition": metrics.get("definition", DEFINITION),
         "gene_sets": _gene_set_entries(metrics, sets, sizes),

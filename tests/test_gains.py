@@ -36,3 +36,11 @@ def test_paired_gain_is_the_mean_and_standard_error_of_per_slide_differences():
     (line,) = format_gains({"gains": gains})
     assert line.startswith("gain of +smooth for ridge (paired over 3 slides")
     assert f"hvg50 +{mean:.3f} ± {sd / math.sqrt(3):.3f}" in line
+
+
+def test_report_maps_draw_the_methods_without_additions_and_the_best_one():
+    from embedstore.report import _mapped
+
+    preds = {m: object() for m in ("ridge", "knn-raw", "ridge+context", "learned", "learned+context", "learned+smooth")}
+    assert list(_mapped(preds, "learned+context")) == ["ridge", "knn-raw", "learned", "learned+context"]
+    assert list(_mapped(preds, "learned")) == ["ridge", "knn-raw", "learned"]
