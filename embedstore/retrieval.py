@@ -239,14 +239,39 @@ def encode_query(
 
     chosen = weights if weights is not None else recorded_weights(meta.get("weights"))
     enc = create_encoder(meta["name"], weights=chosen).to(device)
-    if enc.fingerprint != meta["fingerprint"]:
+    # a stain-normalised store hashes the setting into its fingerprint; the encoder's own is kept beside it
+    own = meta.get("encoder_fingerprint", meta["fingerprint"])
+    if enc.fingerprint != own:
         msg = (
             f"{image}: the {enc.name} encoder built here (weights {enc.weights_source}) has fingerprint "
-            f"{enc.fingerprint}, but {where} was embedded with {meta['fingerprint']}; pass the weights it was "
+            f"{enc.fingerprint}, but {where} was embedded with {own}; pass the weights it was "
             "embedded with (weights=, --weights) or use the embedstore version that embedded it"
         )
         raise FingerprintMismatch(msg)
+    if meta.get("stain_norm"):
+        picture = _stain_normalised(picture, meta["stain_norm"], image)
     return enc.encode(picture[None])[0]
+
+
+def _stain_normalised(picture: np.ndarray, setting: dict[str, Any], image: str | Path) -> np.ndarray:
+    """The query picture normalised as the store's tiles were: Macenko to the same target stain.
+
+    The store fitted each slide's stain on its tissue; a lone picture is fitted on itself.
+    """
+    from embedstore.stain import StainParams, estimate_stains, normalize
+
+    try:
+        source = estimate_stains(picture, Io=setting["Io"], alpha=setting["alpha"], beta=setting["beta"])
+    except BadInput as e:
+        msg = (
+            f"{image}: its stain cannot be fitted ({e}); the store's tiles are stain-normalised, so the query must be "
+            "too: pass a picture with more stained tissue"
+        )
+        raise BadInput(msg) from e
+    target = setting["target"]
+    return normalize(
+        picture, source, StainParams(np.asarray(target["matrix"]), np.asarray(target["max_conc"])), Io=setting["Io"]
+    )
 
 
 # ------------------------------------------------------------------------------ outputs

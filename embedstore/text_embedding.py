@@ -371,7 +371,8 @@ def check_text_pairs(image_meta: dict[str, Any], text_meta: dict[str, Any], wher
         The file or table the text comes from, for the message.
     """
     found = text_meta.get("image_fingerprint")
-    if found != image_meta.get("fingerprint"):
+    # stain-normalised images hash the setting into their fingerprint; the checkpoint's is kept beside it
+    if found != image_meta.get("encoder_fingerprint", image_meta.get("fingerprint")):
         enc = image_meta.get("name") or text_meta.get("image_encoder") or "ENCODER"
         recorded = str(image_meta.get("weights") or "")
         same = (

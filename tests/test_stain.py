@@ -393,3 +393,35 @@ def test_the_defaults_are_unchanged(tmp_path):
         h.update(s.centers_xy.tobytes())
         h.update(tifffile.TiffFile(s.image_path).pages[0].asarray().tobytes())
     assert h.hexdigest() == DEFAULT_COHORT_SHA256
+
+
+def test_a_query_picture_is_normalised_as_the_stores_tiles_were(store, tmp_path):
+    """Searching a normalised store by picture: the picture is fitted and normalised to the same target."""
+    from PIL import Image
+
+    from embedstore.retrieval import _stored_tile
+    from embedstore.stain import REFERENCE, estimate_stains, normalize
+
+    st = es.open_store(store)
+    meta, emb = st.read_embeddings("builtin", cohort="norm", columns=["slide_id", "tile_id"])
+    tile = meta.column("tile_id")[len(emb) // 2].as_py()
+    picture = _stored_tile(st, "builtin", "norm", "shift", tile)  # as scanned, not normalised
+    Image.fromarray(picture).save(tmp_path / "query.png")
+    q = es.create_encoder("builtin").encode(normalize(picture, estimate_stains(picture), REFERENCE)[None])[0]
+    scores = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (q / np.linalg.norm(q))
+    order = np.argsort(-scores, kind="stable")[:3]
+    hits = es.search(store, image=tmp_path / "query.png", cohort="norm", k=3)
+    assert hits.column("tile_id").to_pylist() == [meta.column("tile_id")[i].as_py() for i in order]
+    np.testing.assert_allclose(hits.column("score").to_numpy(), scores[order], rtol=1e-4, atol=1e-5)
+
+
+def test_text_of_the_same_checkpoint_pairs_with_normalised_images():
+    from embedstore.errors import FingerprintMismatch
+    from embedstore.stain import stain_metadata
+    from embedstore.text_embedding import check_text_pairs
+
+    image = {"name": "omiclip", "fingerprint": "abc"}
+    normalised = stain_metadata(image, "macenko")
+    check_text_pairs(normalised, {"image_fingerprint": "abc"}, "text")  # the checkpoint's own fingerprint
+    with pytest.raises(FingerprintMismatch):
+        check_text_pairs(normalised, {"image_fingerprint": normalised["fingerprint"]}, "text")

@@ -115,10 +115,11 @@ def text_vector(
         if key not in _ENCODERS:
             _ENCODERS[key] = create_text_encoder(meta["name"], weights=chosen, device=device)
         enc = _ENCODERS[key]
-    if enc.image_fingerprint != meta["fingerprint"]:
+    own = meta.get("encoder_fingerprint", meta["fingerprint"])  # without a stain setting hashed in
+    if enc.image_fingerprint != own:
         msg = (
             f"{where}: the {meta['name']} text tower built here (weights {enc.weights_source}) belongs to image "
-            f"fingerprint {enc.image_fingerprint}, but the images were embedded with {meta['fingerprint']}; pass "
+            f"fingerprint {enc.image_fingerprint}, but the images were embedded with {own}; pass "
             "the weights they were embedded with (weights=, --weights)"
         )
         raise FingerprintMismatch(msg)
