@@ -52,6 +52,13 @@ def _embed(slide: Path, tmp_path: Path, env: dict[str, str], *extra: str) -> sub
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=BOUND_S, check=False)
 
 
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter with ``env`` (the hub settings are read at import)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=BOUND_S, check=False
+    )
+
+
 def _assert_unreachable_line(result: subprocess.CompletedProcess, endpoint: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -97,14 +104,7 @@ def test_cached_weights_are_used_when_the_hub_is_unreachable(tmp_path, closed_po
         "from embedstore.encoders import create_encoder; "
         "e = create_encoder('test-vit', weights='hf-hub:embedstore/tiny'); print(e.weights_source)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path / "hf", closed_port),
-        timeout=BOUND_S,
-        check=False,
-    )
+    result = _python(code, _env(tmp_path / "hf", closed_port))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "hf-hub:embedstore/tiny"
     assert result.stderr == ""
@@ -138,14 +138,7 @@ def test_text_tower_comes_from_the_cache_when_the_hub_is_unreachable(tmp_path, c
         "t = create_text_encoder('test-openclip', weights=w); "
         "print(t.weights_source, t.image_fingerprint == create_encoder('test-openclip', weights=w).fingerprint)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path / "hf", closed_port),
-        timeout=BOUND_S,
-        check=False,
-    )
+    result = _python(code, _env(tmp_path / "hf", closed_port))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "hf-hub:embedstore/tiny-coca True"
     assert result.stderr == ""
